@@ -10,8 +10,8 @@ bigrams (none for n < 2). Two vocabularies are supported:
   bigrams with id `5 + 256 * b0 + b1` (size 65,541, no bigram is unknown).
 - `Vocab.from_file(path)`: an ET-BERT vocabulary file (one token per line, id = line number - 1).
   Each bigram is written as a 4-character lowercase hex word and split by WordPiece exactly as
-  UER's `BertTokenizer` does: greedy longest match from the left, continuation pieces prefixed
-  with `##`, and a word that cannot be covered completely becomes a single `[UNK]`.
+  UER's `BertTokenizer` does. The longest vocabulary match is taken from the left, continuation
+  pieces carry a `##` prefix, and a word that cannot be covered completely becomes one `[UNK]`.
 
 Since there are only 65,536 possible words, the WordPiece result of every bigram is computed once
 into a flat table (`offsets`, `pieces`), so encoding stays a few numpy operations per packet.
