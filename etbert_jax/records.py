@@ -1,6 +1,6 @@
 """`tf.train.Example` bytes and TFRecord files, written without importing TensorFlow.
 
-Beam workers and the input benchmark build millions of small examples; importing TensorFlow there
+Beam workers and the input benchmark build millions of small examples. Importing TensorFlow there
 costs seconds and gigabytes per process, so the protobuf wire format is written here by hand:
 
     Example  { Features features = 1; }
