@@ -1,0 +1,453 @@
+"""Bidirectional sessions, BURSTs and per-packet bytes from decoded packets, with bounded memory.
+
+Design. `SessionTable.add(ts_ns, packet, data, source, index)` takes packets in capture order and
+returns a list of events; `flush_idle(now_ns)` and `close_all()` return the events of sessions that end.
+Events are plain frozen dataclasses:
+
+- `Burst`: a completed BURST, i.e. a maximal run of consecutive same-direction packets of one session,
+  each packet's policy-applied bytes cut to `keep_bytes_burst`. It is emitted when the direction
+  changes and when the session ends, so only the current BURST of each session is held in memory.
+- `PacketBytes` (only with `emit_packets=True`): every packet's policy-applied bytes cut to
+  `keep_bytes_packet`, for packet-level examples; `max_packets_per_session` caps them per session.
+- `SessionEnd`: the finished `Session` with its counters and its first `keep_packets_flow` packets'
+  bytes (cut to `keep_bytes_flow`), for flow-level examples.
+
+Events of one session always come in capture order, and its `SessionEnd` follows its last `Burst`.
+Sessions get consecutive indexes in the order of their first packet; `close_all()` ends the remaining
+ones in that order, so the same input always gives the same events in the same order.
+
+Session rules (docs/capture-rules.md states them in full):
+
+- Key: protocol and the unordered pair of (address, port) endpoints. VLAN tags, MPLS labels and tunnel
+  headers are not part of it.
+- Client: for TCP the sender of a SYN without ACK (the sender of a SYN-ACK is the server). A TCP session
+  first seen mid-stream takes the endpoint with a port below 1024 as server when exactly one port is
+  below 1024, and otherwise the sender of its first packet as client. Other protocols: the sender of
+  the first packet.
+- A session ends when no packet came for `idle_timeout_s`, when `active_timeout_s` passed since its
+  first packet, and (with `split_on_fin_rst`) when it is closing, i.e. after an RST or after both sides
+  sent FIN, and either a SYN without ACK arrives (it opens a new session) or `closing_grace_s` passed.
+  Late packets of a closing session, such as the final ACK, stay in it.
+- Idle and closing sessions are swept every `sweep_every_packets` packets as capture time advances, so
+  memory grows with the number of active sessions, not with the file size.
+- Retransmissions and packets without payload (pure ACKs, SYNs, FINs) are kept like any other packet.
+
+`iter_sessions(paths, ...)` reads several files as one stream, in the given order, for captures that
+continue in a second file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Iterable, Iterator
+
+from etbert_jax.capture.decode import ACK, FIN, RST, SYN, TCP, UDP, Packet, iter_packets
+from etbert_jax.capture.headers import apply_header_policy
+from etbert_jax.capture.options import SessionOptions, check_header_policy
+from etbert_jax.capture.stats import SkipCounter
+
+# (address bytes, port)
+Endpoint = tuple[bytes, int]
+# (protocol, lower endpoint, higher endpoint): the same for both directions.
+SessionKey = tuple[int, Endpoint, Endpoint]
+
+CLIENT_TO_SERVER = 0
+SERVER_TO_CLIENT = 1
+_PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
+
+
+def format_endpoint(endpoint: Endpoint) -> str:
+    """Return "a.b.c.d:port" or "[v6 address]:port"."""
+    address, port = endpoint
+    text = str(ipaddress.ip_address(address))
+    return f"{text}:{port}" if len(address) == 4 else f"[{text}]:{port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PacketInfo:
+    """Where one kept packet of a session came from."""
+
+    # Timestamp in integer nanoseconds.
+    ts_ns: int
+    # 0 client to server, 1 server to client.
+    direction: int
+    # Source name (capture path) of the packet.
+    source: str
+    # Record index of the packet in its source file.
+    index: int
+
+
+@dataclasses.dataclass(slots=True)
+class Session:
+    """One bidirectional session and the bytes kept for flow-level examples."""
+
+    # Protocol and unordered endpoint pair.
+    key: SessionKey
+    # Consecutive number in the order of first packets, starting at 0 for each table.
+    index: int
+    # 6 (TCP) or 17 (UDP).
+    proto: int
+    # (address bytes, port) of the client and of the server.
+    client: Endpoint
+    server: Endpoint
+    first_ts_ns: int
+    last_ts_ns: int
+    # Packets per direction: [client to server, server to client].
+    packets: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
+    # Payload bytes per direction as the headers declare them (snaplen-cut bytes included).
+    payload_bytes: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
+    # Packets whose captured bytes end before their IP total length.
+    truncated_packets: int = 0
+    # Completed BURSTs.
+    bursts: int = 0
+    # Source names in the order the session met them.
+    sources: list[str] = dataclasses.field(default_factory=list)
+    # Policy-applied bytes of the first `keep_packets_flow` packets, each cut to `keep_bytes_flow`.
+    first_packets: list[bytes] = dataclasses.field(default_factory=list)
+    # Timestamp, direction, source and file index of each packet in `first_packets`.
+    first_packet_info: list[PacketInfo] = dataclasses.field(default_factory=list)
+    # Why the session ended: "idle", "active", "closed", "new_syn" or "end_of_input".
+    end_reason: str = ""
+
+    @property
+    def client_str(self) -> str:
+        return format_endpoint(self.client)
+
+    @property
+    def server_str(self) -> str:
+        return format_endpoint(self.server)
+
+    @property
+    def proto_name(self) -> str:
+        return _PROTO_NAMES.get(self.proto, str(self.proto))
+
+    @property
+    def name(self) -> str:
+        """The session as "proto client>server", e.g. "tcp 192.0.2.10:49152>198.51.100.20:80"."""
+        return f"{self.proto_name} {self.client_str}>{self.server_str}"
+
+    @property
+    def total_packets(self) -> int:
+        return self.packets[0] + self.packets[1]
+
+    @property
+    def duration_ns(self) -> int:
+        return self.last_ts_ns - self.first_ts_ns
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Burst:
+    """A completed BURST: consecutive packets of one direction in one session."""
+
+    session_key: SessionKey
+    session_index: int
+    # 0 client to server, 1 server to client.
+    direction: int
+    # Policy-applied bytes of each packet, cut to `keep_bytes_burst`.
+    packets: tuple[bytes, ...]
+    # Source name of the BURST's first packet.
+    source: str
+    # Timestamp of the BURST's first packet in integer nanoseconds.
+    first_ts_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PacketBytes:
+    """One packet's policy-applied bytes with its session, for packet-level examples."""
+
+    session_key: SessionKey
+    session_index: int
+    # 0 client to server, 1 server to client.
+    direction: int
+    # 0-based position of the packet in its session.
+    number: int
+    data: bytes
+    source: str
+    # Record index of the packet in its source file.
+    index: int
+    ts_ns: int
+    # Printable session name, "proto client>server".
+    session_name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """A session that ended; no more events of it follow."""
+
+    session: Session
+
+
+Event = Burst | PacketBytes | SessionEnd
+
+
+@dataclasses.dataclass(slots=True)
+class _State:
+    """A live session plus what is needed to finish it."""
+
+    session: Session
+    burst_direction: int = -1
+    burst_packets: list[bytes] = dataclasses.field(default_factory=list)
+    burst_source: str = ""
+    burst_first_ts: int = 0
+    # Initial sequence number per direction (the SYN's, or the first one seen).
+    isn: list[int | None] = dataclasses.field(default_factory=lambda: [None, None])
+    fin_seen: list[bool] = dataclasses.field(default_factory=lambda: [False, False])
+    closing: bool = False
+
+
+class SessionTable:
+    """Group packets into bidirectional sessions and emit BURST, packet and session-end events."""
+
+    def __init__(
+        self,
+        options: SessionOptions = SessionOptions(),
+        header_policy: str = "anonymize",
+        keep_bytes_burst: int = 64,
+        keep_packets_flow: int = 5,
+        keep_bytes_flow: int = 128,
+        emit_packets: bool = False,
+        keep_bytes_packet: int | None = None,
+        max_packets_per_session: int | None = None,
+    ) -> None:
+        """Create an empty table.
+
+        `keep_bytes_burst`: bytes kept per packet in BURSTs (0 disables `Burst` events).
+        `keep_packets_flow`, `keep_bytes_flow`: packets and bytes per packet kept in `Session.first_packets`.
+        `emit_packets`: emit a `PacketBytes` event per packet, cut to `keep_bytes_packet` (None keeps all)
+        and at most `max_packets_per_session` per session (None for no cap).
+        """
+        for label, value in (("keep_bytes_burst", keep_bytes_burst), ("keep_packets_flow", keep_packets_flow),
+                             ("keep_bytes_flow", keep_bytes_flow)):
+            if value < 0:
+                raise ValueError(f"SessionTable {label} must be >= 0, got {value}")
+        self.options = options
+        self.header_policy = check_header_policy(header_policy)
+        self.keep_bytes_burst = keep_bytes_burst
+        self.keep_packets_flow = keep_packets_flow
+        self.keep_bytes_flow = keep_bytes_flow
+        self.emit_packets = emit_packets
+        self.keep_bytes_packet = keep_bytes_packet
+        self.max_packets_per_session = max_packets_per_session
+        self._live: dict[SessionKey, _State] = {}
+        self._next_index = 0
+        self._packets_since_sweep = 0
+        self._now_ns = 0
+        # Totals over every session started so far.
+        self.sessions_started = 0
+        self.bursts_emitted = 0
+
+    def __len__(self) -> int:
+        """Return the number of live sessions."""
+        return len(self._live)
+
+    def add(self, ts_ns: int, packet: Packet, data: bytes, source: str = "", index: int = -1) -> list[Event]:
+        """Add one decoded packet; return the events it completes, in order."""
+        events: list[Event] = []
+        sender: Endpoint = (packet.src, packet.sport)
+        receiver: Endpoint = (packet.dst, packet.dport)
+        key: SessionKey = (packet.proto, *sorted((sender, receiver)))
+        self._now_ns = max(self._now_ns, ts_ns)
+
+        state = self._live.get(key)
+        if state is not None:
+            reason = self._end_reason_before(state, ts_ns, packet)
+            if reason:
+                self._finish(key, reason, events)
+                state = None
+        if state is None:
+            state = self._start(key, ts_ns, packet, sender, receiver)
+
+        session = state.session
+        direction = CLIENT_TO_SERVER if sender == session.client else SERVER_TO_CLIENT
+        session.last_ts_ns = max(session.last_ts_ns, ts_ns)
+        number = session.packets[0] + session.packets[1]
+        session.packets[direction] += 1
+        session.payload_bytes[direction] += max(packet.wire_payload_len, 0)
+        session.truncated_packets += packet.truncated
+        if source and source not in session.sources:
+            session.sources.append(source)
+
+        if packet.proto == TCP and state.isn[direction] is None:
+            state.isn[direction] = packet.seq
+        wanted = self._bytes_wanted(number)
+        if wanted:
+            seq_base = (state.isn[direction], state.isn[1 - direction])
+            kept = apply_header_policy(self.header_policy, data, packet, seq_base)
+            self._keep(state, direction, number, kept, ts_ns, source, index, events)
+
+        if packet.proto == TCP and self.options.split_on_fin_rst:
+            if packet.tcp_flags & RST:
+                state.closing = True
+            if packet.tcp_flags & FIN:
+                state.fin_seen[direction] = True
+                if all(state.fin_seen):
+                    state.closing = True
+
+        self._packets_since_sweep += 1
+        if self._packets_since_sweep >= self.options.sweep_every_packets:
+            events.extend(self.flush_idle(self._now_ns))
+        return events
+
+    def flush_idle(self, now_ns: int) -> list[Event]:
+        """End sessions that are idle, past their active timeout or closed, as of capture time `now_ns`."""
+        self._packets_since_sweep = 0
+        events: list[Event] = []
+        for key in list(self._live):
+            reason = self._expiry_reason(self._live[key], now_ns)
+            if reason:
+                self._finish(key, reason, events)
+        return events
+
+    def close_all(self) -> list[Event]:
+        """End every live session in the order of their first packets."""
+        events: list[Event] = []
+        for key in sorted(self._live, key=lambda k: self._live[k].session.index):
+            self._finish(key, "end_of_input", events)
+        return events
+
+    # -----------------------------------------------------------------------------------------------
+
+    def _start(self, key: SessionKey, ts_ns: int, packet: Packet, sender: Endpoint, receiver: Endpoint) -> _State:
+        client, server = _pick_client(packet, sender, receiver)
+        session = Session(
+            key=key, index=self._next_index, proto=packet.proto, client=client, server=server,
+            first_ts_ns=ts_ns, last_ts_ns=ts_ns,
+        )
+        self._next_index += 1
+        self.sessions_started += 1
+        state = _State(session=session)
+        self._live[key] = state
+        return state
+
+    def _end_reason_before(self, state: _State, ts_ns: int, packet: Packet) -> str:
+        """Return why `state` must end before this packet joins it, or "" when it continues."""
+        if state.closing and packet.tcp_flags & (SYN | ACK) == SYN:
+            return "new_syn"
+        return self._expiry_reason(state, ts_ns)
+
+    def _expiry_reason(self, state: _State, now_ns: int) -> str:
+        session = state.session
+        idle_ns = now_ns - session.last_ts_ns
+        if state.closing and idle_ns > self.options.closing_grace_ns:
+            return "closed"
+        idle_limit = self.options.idle_timeout_ns
+        if idle_limit is not None and idle_ns > idle_limit:
+            return "idle"
+        active_limit = self.options.active_timeout_ns
+        if active_limit is not None and now_ns - session.first_ts_ns > active_limit:
+            return "active"
+        return ""
+
+    def _bytes_wanted(self, number: int) -> bool:
+        if self.keep_bytes_burst > 0:
+            return True
+        if number < self.keep_packets_flow and self.keep_bytes_flow > 0:
+            return True
+        if self.emit_packets:
+            return self.max_packets_per_session is None or number < self.max_packets_per_session
+        return False
+
+    def _keep(
+        self,
+        state: _State,
+        direction: int,
+        number: int,
+        kept: bytes,
+        ts_ns: int,
+        source: str,
+        index: int,
+        events: list[Event],
+    ) -> None:
+        """Store a packet's policy-applied bytes in the session, its BURST and a packet event."""
+        session = state.session
+        if number < self.keep_packets_flow:
+            session.first_packets.append(kept[: self.keep_bytes_flow])
+            session.first_packet_info.append(PacketInfo(ts_ns, direction, source, index))
+
+        if self.keep_bytes_burst > 0:
+            if state.burst_packets and state.burst_direction != direction:
+                self._emit_burst(state, events)
+            if not state.burst_packets:
+                state.burst_direction = direction
+                state.burst_source = source
+                state.burst_first_ts = ts_ns
+            state.burst_packets.append(kept[: self.keep_bytes_burst])
+
+        if self.emit_packets and (self.max_packets_per_session is None or number < self.max_packets_per_session):
+            cut = kept if self.keep_bytes_packet is None else kept[: self.keep_bytes_packet]
+            events.append(PacketBytes(
+                session_key=session.key, session_index=session.index, direction=direction, number=number,
+                data=cut, source=source, index=index, ts_ns=ts_ns, session_name=session.name,
+            ))
+
+    def _emit_burst(self, state: _State, events: list[Event]) -> None:
+        session = state.session
+        events.append(Burst(
+            session_key=session.key, session_index=session.index, direction=state.burst_direction,
+            packets=tuple(state.burst_packets), source=state.burst_source, first_ts_ns=state.burst_first_ts,
+        ))
+        session.bursts += 1
+        self.bursts_emitted += 1
+        state.burst_packets = []
+
+    def _finish(self, key: SessionKey, reason: str, events: list[Event]) -> None:
+        state = self._live.pop(key)
+        if state.burst_packets:
+            self._emit_burst(state, events)
+        state.session.end_reason = reason
+        events.append(SessionEnd(state.session))
+
+
+def _pick_client(packet: Packet, sender: Endpoint, receiver: Endpoint) -> tuple[Endpoint, Endpoint]:
+    """Return (client, server) for a session whose first packet is `packet`."""
+    if packet.proto == TCP:
+        flags = packet.tcp_flags
+        if flags & (SYN | ACK) == SYN:
+            return sender, receiver
+        if flags & (SYN | ACK) == SYN | ACK:
+            return receiver, sender
+        sender_low = packet.sport < 1024
+        receiver_low = packet.dport < 1024
+        if sender_low and not receiver_low:
+            return receiver, sender
+    return sender, receiver
+
+
+def iter_sessions(
+    paths: Iterable[str | os.PathLike],
+    options: SessionOptions = SessionOptions(),
+    header_policy: str = "anonymize",
+    stats: SkipCounter | None = None,
+    names: Iterable[str] | None = None,
+    **table_args,
+) -> Iterator[Event]:
+    """Yield the events of several capture files read as one stream, in the given order.
+
+    `names` labels each path in events and warnings (default: the path itself). `table_args` go to
+    `SessionTable`. Raises `reader.CaptureFormatError` for a file that is not a capture.
+    """
+    stats = stats if stats is not None else SkipCounter()
+    table = SessionTable(options, header_policy, **table_args)
+    paths = list(paths)
+    labels = list(names) if names is not None else [os.fspath(p) for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"iter_sessions got {len(paths)} paths but {len(labels)} names; pass one name per path")
+    for path, label in zip(paths, labels):
+        for record, packet in iter_packets(path, label, stats):
+            yield from table.add(record.ts_ns, packet, record.data, label, record.index)
+    yield from table.close_all()
+
+
+def collect_sessions(events: Iterable[Event]) -> tuple[list[Session], list[Burst]]:
+    """Return the sessions (in order of first packet) and BURSTs of an event stream."""
+    sessions: list[Session] = []
+    bursts: list[Burst] = []
+    for event in events:
+        if isinstance(event, SessionEnd):
+            sessions.append(event.session)
+        elif isinstance(event, Burst):
+            bursts.append(event)
+    sessions.sort(key=lambda s: s.index)
+    return sessions, bursts
