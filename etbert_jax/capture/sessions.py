@@ -32,8 +32,8 @@ Session rules (docs/capture-rules.md states them in full):
   memory grows with the number of active sessions, not with the file size.
 - Retransmissions and packets without payload (pure ACKs, SYNs, FINs) are kept like any other packet.
 
-`iter_sessions(paths, ...)` reads several files as one stream, in the given order, for captures that
-continue in a second file.
+`iter_sessions(paths, ...)` reads several files as one stream, for captures that continue in a second
+file. It orders the files by their first timestamp, so the listed order does not change the result.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from etbert_jax.capture.decode import ACK, FIN, RST, SYN, TCP, UDP, Packet, iter_packets
 from etbert_jax.capture.headers import apply_header_policy
 from etbert_jax.capture.options import SessionOptions, check_header_policy
+from etbert_jax.capture.reader import CaptureFormatError, iter_records
 from etbert_jax.capture.stats import SkipCounter
 
 # (address bytes, port)
@@ -421,12 +422,18 @@ def iter_sessions(
     header_policy: str = "anonymize",
     stats: SkipCounter | None = None,
     names: Iterable[str] | None = None,
+    sort_by_first_timestamp: bool = True,
+    on_format_error: Callable[[str, CaptureFormatError], None] | None = None,
     **table_args,
 ) -> Iterator[Event]:
-    """Yield the events of several capture files read as one stream, in the given order.
+    """Yield the events of several capture files read as one stream.
 
-    `names` labels each path in events and warnings (default: the path itself). `table_args` go to
-    `SessionTable`. Raises `reader.CaptureFormatError` for a file that is not a capture.
+    Files are read in the order of their first packet's timestamp when `sort_by_first_timestamp` is
+    set (ties and files without packets keep the given order), so a capture series gives the same
+    sessions whatever order it is listed in; otherwise in the given order. `names` labels each path in
+    events and warnings (default: the path). `table_args` go to `SessionTable`. A file that is not a
+    capture raises `reader.CaptureFormatError`, unless `on_format_error(name, error)` is given: then it
+    is called and the file is left out.
     """
     stats = stats if stats is not None else SkipCounter()
     table = SessionTable(options, header_policy, **table_args)
@@ -434,10 +441,31 @@ def iter_sessions(
     labels = list(names) if names is not None else [os.fspath(p) for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"iter_sessions got {len(paths)} paths but {len(labels)} names; pass one name per path")
-    for path, label in zip(paths, labels):
-        for record, packet in iter_packets(path, label, stats):
-            yield from table.add(record.ts_ns, packet, record.data, label, record.index)
+    files = list(zip(paths, labels))
+    if sort_by_first_timestamp and len(files) > 1:
+        first = [_first_timestamp(path) for path, _ in files]
+        order = sorted(range(len(files)), key=lambda i: (first[i] is None, first[i] or 0, i))
+        files = [files[i] for i in order]
+
+    for path, label in files:
+        try:
+            for record, packet in iter_packets(path, label, stats):
+                yield from table.add(record.ts_ns, packet, record.data, label, record.index)
+        except CaptureFormatError as err:
+            if on_format_error is None:
+                raise
+            on_format_error(label, err)
     yield from table.close_all()
+
+
+def _first_timestamp(path: str | os.PathLike) -> int | None:
+    """Return the timestamp of a capture's first record, or None if it has none or is unreadable."""
+    try:
+        for record in iter_records(path, stats=SkipCounter(warn_limit=0)):
+            return record.ts_ns
+    except CaptureFormatError:
+        return None
+    return None
 
 
 def collect_sessions(events: Iterable[Event]) -> tuple[list[Session], list[Burst]]:
