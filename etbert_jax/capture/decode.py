@@ -271,14 +271,14 @@ def _decode_ipv4(data: bytes, ip: int, limit: int, captured_whole: bool) -> Pack
     header_len = (version_ihl & 0x0F) * 4
     if version_ihl >> 4 != 4 or header_len < 20:
         return "bad_ip_header"
-    if ip + header_len > limit:
-        return "truncated_ip_header"
     if total_len == 0:
         # NOTE: a zero total length comes from captures taken before TCP segmentation offload; the
         # captured bytes are then the only length information.
         total_len = limit - ip
     if total_len < header_len:
         return "bad_ip_header"
+    if ip + header_len > limit:
+        return "truncated_ip_header"
     if frag & 0x1FFF:
         return "ip_fragment"
     first_fragment = bool(frag & 0x2000)
