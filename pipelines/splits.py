@@ -6,7 +6,8 @@ Split policies, from safest to leakiest:
   sorted file list with a seeded shuffle, 80/10/10 with at least one unit in valid and one in test.
   Needs at least 3 capture units per class.
 - `session`: every session goes to one split, chosen the same way among the sessions of a class.
-  Sessions of one capture share hosts, keys and timing, so this still leaks; the manifest says so.
+  Sessions of one capture share hosts, keys and timing, so this still leaks, and the manifest
+  carries a warning.
 - `packet`: every example is assigned on its own, as ET-BERT's per-sample StratifiedShuffleSplit
   does. Packets of one session land on both sides, so scores are inflated. Compatibility only.
 - `auto` (default): `capture` when every class has at least 3 capture units, else `session`.
@@ -32,7 +33,7 @@ SPLITS = ("train", "valid", "test")
 SPLIT_POLICIES = ("auto", "capture", "session", "packet")
 # Train/valid/test fractions of every class.
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
-# Fewest capture units per class for a capture-level split (one each for train, valid and test).
+# Minimum capture units per class for a capture-level split: one each for train, valid and test.
 MIN_UNITS_FOR_CAPTURE_SPLIT = 3
 
 SESSION_SPLIT_WARNING = (

@@ -1,0 +1,383 @@
+"""Conversion core: captures -> sessions -> token ids -> serialized examples. Pure functions, no Beam.
+
+The Beam pipelines, the input benchmark and prediction all call these functions, so a capture is
+tokenized the same way wherever it is read.
+
+Pre-training (ET-BERT's BURST corpus):
+1. Sessions are split into BURSTs, maximal runs of same-direction packets. Each packet contributes its
+   first `bytes_per_packet` policy-applied bytes (the capture layer applies the header policy).
+2. A BURST's concatenated bytes are cut into two byte-aligned halves at ceil(n / 2), the sub-BURSTs
+   A and B. A BURST shorter than 4 bytes leaves B without a bigram; it is counted and skipped.
+3. Same-origin BURST Prediction pairs: A with its own B (`sbp_label` 0), or, for a seeded fraction
+   `negative_ratio`, A with the B half of a BURST from another session (`sbp_label` 1). Pairing runs
+   per bucket of BURSTs (`pair_bucket`), so it is deterministic and scales out.
+4. `[CLS] A [SEP] B [SEP]` truncated to `seq_len` like BERT's truncate_seq_pair (the longer half
+   loses its last token first), segment ids 1 and 2. Masking happens at training time.
+
+Fine-tuning:
+- Flow level: the first `packets_per_flow` packets of a session, each tokenized on its own and cut
+  to `tokens_per_packet` tokens, concatenated, then `[CLS]` + tokens cut to `flow_seq_len`.
+- Packet level: one example per packet, `[CLS]` + its first `tokens_per_packet` tokens, cut to
+  `packet_seq_len`; at most `max_packets_per_session` per session when set.
+- With header policy `etbert`, fine-tuning bytes are the captured frame minus its first 38 bytes,
+  as ET-BERT cuts them; the other policies use the policy's bytes unchanged.
+
+NOTE: ET-BERT also shortens 10 % of its pre-training pairs at random (`short_seq_prob`); pairs here
+are only cut by `seq_len`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from etbert_jax import records
+from etbert_jax.capture import (
+    ETBERT_FINETUNE_OFFSET,
+    Burst,
+    CaptureFormatError,
+    PacketBytes,
+    SessionEnd,
+    SessionOptions,
+    SkipCounter,
+    check_header_policy,
+    iter_sessions,
+)
+from etbert_jax.tokenizer import Vocab, bigram_words
+
+LEVELS = ("packet", "flow")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertSettings:
+    """Every option that changes which examples a capture gives; recorded in each manifest."""
+
+    # Which packet bytes become tokens: anonymize | strip-link | raw | etbert (ET-BERT's exact bytes).
+    header_policy: str = "anonymize"
+    # ET-BERT vocabulary file (WordPiece); None for the built-in 65,541-id bigram vocabulary.
+    vocab: str | None = None
+    # Bytes of each packet that go into a BURST (pre-training); ET-BERT uses 64.
+    bytes_per_packet: int = 64
+    # Bigram tokens kept per packet in fine-tuning examples; ET-BERT uses 128.
+    tokens_per_packet: int = 128
+    # First packets of a session that form a flow-level example; ET-BERT uses 5.
+    packets_per_flow: int = 5
+    # Max tokens of a pre-training example, [CLS] and both [SEP] included.
+    seq_len: int = 128
+    # Max tokens of a packet-level fine-tuning example, [CLS] included.
+    packet_seq_len: int = 128
+    # Max tokens of a flow-level fine-tuning example, [CLS] included.
+    flow_seq_len: int = 512
+    # Cap on packet-level examples per session; None for no cap.
+    max_packets_per_session: int | None = None
+    # Fraction of BURSTs whose B half is replaced by one from another session (SBP label 1), in [0, 1].
+    negative_ratio: float = 0.5
+    # Number of buckets BURSTs are hashed into for negative pairing; one bucket is held in memory at once.
+    pair_buckets: int = 64
+    # Seed of the pairing RNG and of the split shuffles.
+    seed: int = 0
+    # Seconds without packets after which a session ends; 0 or None disables it.
+    idle_timeout_s: float | None = 120.0
+    # Seconds after its first packet at which a session ends; 0 or None disables it.
+    active_timeout_s: float | None = 3600.0
+    # End TCP sessions after RST or both FINs.
+    split_on_fin_rst: bool = True
+    # TFRecord files per output; pre-training uses a multiple of 64 so every host of a pod reads whole files.
+    num_shards: int = 64
+    # Read files whose names differ only in a trailing number as one capture series.
+    series: bool = True
+
+    def __post_init__(self) -> None:
+        check_header_policy(self.header_policy)
+        positive = ("bytes_per_packet", "tokens_per_packet", "packets_per_flow", "pair_buckets", "num_shards")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"ConvertSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 5:
+            raise ValueError(f"ConvertSettings.seq_len must be >= 5 ([CLS] A [SEP] B [SEP]), got {self.seq_len}")
+        for name in ("packet_seq_len", "flow_seq_len"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"ConvertSettings.{name} must be >= 2 ([CLS] and a token), got {getattr(self, name)}")
+        if not 0.0 <= self.negative_ratio <= 1.0:
+            raise ValueError(f"ConvertSettings.negative_ratio must be in [0, 1], got {self.negative_ratio}")
+        if self.max_packets_per_session is not None and self.max_packets_per_session < 1:
+            raise ValueError("ConvertSettings.max_packets_per_session must be >= 1 or None, got "
+                             f"{self.max_packets_per_session}")
+
+    @property
+    def session_options(self) -> SessionOptions:
+        return SessionOptions(idle_timeout_s=self.idle_timeout_s or None,
+                              active_timeout_s=self.active_timeout_s or None,
+                              split_on_fin_rst=self.split_on_fin_rst)
+
+    @property
+    def finetune_offset(self) -> int:
+        """Bytes cut from the front of each packet for fine-tuning (38 for `etbert`, else 0)."""
+        return ETBERT_FINETUNE_OFFSET if self.header_policy == "etbert" else 0
+
+    def tokenizer_block(self, vocab: Vocab) -> dict:
+        """Return the manifest's `tokenizer` block."""
+        block = vocab.to_manifest()
+        block.update({
+            "header_policy": self.header_policy,
+            "bytes_per_packet": self.bytes_per_packet,
+            "tokens_per_packet": self.tokens_per_packet,
+            "packets_per_flow": self.packets_per_flow,
+            "finetune_offset": self.finetune_offset,
+        })
+        return block
+
+
+def stable_hash(text: str) -> int:
+    """Return a 64-bit hash of `text` that is the same in every process (unlike `hash`)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+# ---- pre-training ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BurstHalves:
+    """The two sub-BURSTs of one BURST and where it came from."""
+
+    # Unique, sortable id: "<unit>#<session index>#<burst number>".
+    key: str
+    # Id of the BURST's session, unique across the whole job.
+    session: str
+    # First ceil(n / 2) bytes of the BURST.
+    a: bytes
+    # Remaining floor(n / 2) bytes.
+    b: bytes
+
+
+def split_burst(data: bytes) -> tuple[bytes, bytes]:
+    """Cut a BURST's bytes into byte-aligned halves at ceil(n / 2)."""
+    middle = (len(data) + 1) // 2
+    return data[:middle], data[middle:]
+
+
+def iter_burst_halves(paths: Sequence[str], names: Sequence[str], unit: str, settings: ConvertSettings,
+                      stats: SkipCounter, counts: Counter,
+                      on_format_error: Callable[[str, CaptureFormatError], None] | None = None,
+                      ) -> Iterator[BurstHalves]:
+    """Yield the sub-BURST pairs of one capture unit (a file or a series read as one stream).
+
+    `counts` receives `sessions`, `bursts` and `bursts_too_short`; `stats` the packet accounting.
+    """
+    events = iter_sessions(paths, settings.session_options, settings.header_policy, stats=stats,
+                           names=names, on_format_error=on_format_error,
+                           keep_bytes_burst=settings.bytes_per_packet, keep_packets_flow=0, keep_bytes_flow=0)
+    burst_numbers: Counter = Counter()
+    for event in events:
+        if isinstance(event, SessionEnd):
+            counts["sessions"] += 1
+            continue
+        if not isinstance(event, Burst):
+            continue
+        counts["bursts"] += 1
+        number = burst_numbers[event.session_index]
+        burst_numbers[event.session_index] += 1
+        data = b"".join(event.packets)
+        if len(data) < 4:
+            counts["bursts_too_short"] += 1
+            continue
+        a, b = split_burst(data)
+        session = f"{unit}#{event.session_index:09d}"
+        yield BurstHalves(key=f"{session}#{number:09d}", session=session, a=a, b=b)
+
+
+def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSettings,
+                counts: Counter) -> list[tuple[BurstHalves, bytes, int]]:
+    """Build SBP pairs inside one bucket: return (BURST, B half, sbp_label) per BURST.
+
+    BURSTs are ordered by a hash of their key, so neighbours come from unrelated captures. With a RNG
+    seeded by (seed, bucket), a fraction `negative_ratio` is chosen for negatives. A chosen BURST takes
+    the B half of the next BURST in that order (wrapping around) from a different session. When the
+    bucket holds no other session it stays positive and counts as `negatives_unavailable`.
+    """
+    ordered = sorted(bursts, key=lambda item: (stable_hash(item.key), item.key))
+    rng = random.Random(f"{settings.seed}:pairs:{bucket}")
+    pairs = []
+    for position, burst in enumerate(ordered):
+        if rng.random() >= settings.negative_ratio:
+            pairs.append((burst, burst.b, 0))
+            counts["positives"] += 1
+            continue
+        partner = None
+        for step in range(1, len(ordered)):
+            candidate = ordered[(position + step) % len(ordered)]
+            if candidate.session != burst.session:
+                partner = candidate
+                break
+        if partner is None:
+            pairs.append((burst, burst.b, 0))
+            counts["positives"] += 1
+            counts["negatives_unavailable"] += 1
+        else:
+            pairs.append((burst, partner.b, 1))
+            counts["negatives"] += 1
+    return pairs
+
+
+def truncate_pair(length_a: int, length_b: int, max_total: int) -> tuple[int, int]:
+    """Return the lengths BERT's truncate_seq_pair leaves: drop from the longer (B on ties) until both fit."""
+    excess = length_a + length_b - max_total
+    if excess <= 0:
+        return length_a, length_b
+    gap = abs(length_a - length_b)
+    if excess <= gap:
+        return (length_a - excess, length_b) if length_a > length_b else (length_a, length_b - excess)
+    equal = min(length_a, length_b)
+    rest = excess - gap
+    return equal - rest // 2, equal - (rest + 1) // 2
+
+
+def pretrain_instance(ids_a: np.ndarray, ids_b: np.ndarray, vocab: Vocab,
+                      seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (input_ids, segment_ids) of `[CLS] A [SEP] B [SEP]`, at most `seq_len` long."""
+    keep_a, keep_b = truncate_pair(len(ids_a), len(ids_b), seq_len - 3)
+    input_ids = np.concatenate([[vocab.cls_id], ids_a[:keep_a], [vocab.sep_id], ids_b[:keep_b], [vocab.sep_id]])
+    segment_ids = np.concatenate([np.ones(keep_a + 2, dtype=np.int64), np.full(keep_b + 1, 2, dtype=np.int64)])
+    return input_ids.astype(np.int64), segment_ids
+
+
+def pretrain_example_bytes(burst: BurstHalves, b_half: bytes, label: int, vocab: Vocab,
+                           settings: ConvertSettings) -> bytes:
+    """Tokenize one SBP pair and serialize it as a pre-training `tf.train.Example`."""
+    input_ids, segment_ids = pretrain_instance(vocab.encode(burst.a), vocab.encode(b_half), vocab, settings.seq_len)
+    return records.pretrain_example(input_ids, segment_ids, label)
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneExample:
+    """One fine-tuning example before its label and split are attached."""
+
+    # "packet" or "flow".
+    level: str
+    # Capture the session's first packet came from (a name given to the reader).
+    source: str
+    # Printable session, "proto client:port>server:port" (never fed to the model).
+    session: str
+    # Id of the session, unique across the whole job: "<unit>#<session index>".
+    session_uid: str
+    # 0-based position of the packet in its session; -1 for flow-level examples.
+    packet_index: int
+    # `[CLS]` + tokens, int64.
+    input_ids: np.ndarray
+    # ET-BERT's text of the example (space-separated 4-hex bigram words), or "" unless requested.
+    text: str = ""
+
+    @property
+    def uid(self) -> str:
+        """Id of the example, unique across the whole job."""
+        return f"{self.level}|{self.session_uid}|{self.packet_index}"
+
+
+def finetune_bytes(data: bytes, settings: ConvertSettings) -> bytes:
+    """Return the bytes of one packet that fine-tuning tokenizes (ET-BERT drops 38 bytes)."""
+    return data[settings.finetune_offset:]
+
+
+def packet_input_ids(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
+    """Return `[CLS]` + the first `tokens_per_packet` tokens of a packet, cut to `packet_seq_len`."""
+    tokens = vocab.encode(finetune_bytes(data, settings), settings.tokens_per_packet)[: settings.tokens_per_packet]
+    ids = np.concatenate([[vocab.cls_id], tokens])[: settings.packet_seq_len]
+    return ids.astype(np.int64)
+
+
+def flow_input_ids(packets: Sequence[bytes], vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
+    """Return `[CLS]` + the tokens of the first `packets_per_flow` packets, cut to `flow_seq_len`."""
+    parts = [[vocab.cls_id]]
+    for data in packets[: settings.packets_per_flow]:
+        parts.append(vocab.encode(finetune_bytes(data, settings), settings.tokens_per_packet)[: settings.tokens_per_packet])
+    ids = np.concatenate(parts)[: settings.flow_seq_len]
+    return ids.astype(np.int64)
+
+
+def _text(packets: Sequence[bytes], settings: ConvertSettings) -> str:
+    """Return ET-BERT's TSV text: each packet's first `tokens_per_packet` bigram words, space-separated."""
+    words: list[str] = []
+    for data in packets:
+        words.extend(bigram_words(finetune_bytes(data, settings), settings.tokens_per_packet))
+    return " ".join(words)
+
+
+def iter_finetune_examples(paths: Sequence[str], settings: ConvertSettings, vocab: Vocab,
+                           names: Sequence[str] | None = None, unit: str | None = None,
+                           levels: Sequence[str] = LEVELS, stats: SkipCounter | None = None,
+                           counts: Counter | None = None, with_text: bool = False,
+                           on_format_error: Callable[[str, CaptureFormatError], None] | None = None,
+                           ) -> Iterator[FinetuneExample]:
+    """Yield packet- and flow-level examples of one capture unit, in capture order.
+
+    `unit` names the unit in session ids (default: the first name). Examples without a single token
+    are counted as `examples_empty` in `counts` and skipped; `counts["sessions"]` counts sessions.
+    """
+    unknown = [level for level in levels if level not in LEVELS]
+    if unknown:
+        raise ValueError(f"unknown example levels {unknown}; expected a subset of {LEVELS}")
+    names = list(names) if names is not None else [str(p) for p in paths]
+    unit = unit if unit is not None else names[0]
+    stats = stats if stats is not None else SkipCounter()
+    counts = counts if counts is not None else Counter()
+    packet_bytes = settings.finetune_offset + settings.tokens_per_packet + 1
+    events = iter_sessions(
+        paths, settings.session_options, settings.header_policy, stats=stats, names=names,
+        on_format_error=on_format_error, keep_bytes_burst=0,
+        keep_packets_flow=settings.packets_per_flow if "flow" in levels else 0, keep_bytes_flow=packet_bytes,
+        emit_packets="packet" in levels, keep_bytes_packet=packet_bytes,
+        max_packets_per_session=settings.max_packets_per_session)
+
+    for event in events:
+        if isinstance(event, PacketBytes):
+            example = FinetuneExample(
+                level="packet", source=event.source, session=event.session_name,
+                session_uid=f"{unit}#{event.session_index:09d}", packet_index=event.number,
+                input_ids=packet_input_ids(event.data, vocab, settings),
+                text=_text([event.data], settings) if with_text else "")
+        elif isinstance(event, SessionEnd):
+            counts["sessions"] += 1
+            if "flow" not in levels:
+                continue
+            session = event.session
+            example = FinetuneExample(
+                level="flow", source=session.sources[0] if session.sources else unit, session=session.name,
+                session_uid=f"{unit}#{session.index:09d}", packet_index=-1,
+                input_ids=flow_input_ids(session.first_packets, vocab, settings),
+                text=_text(session.first_packets[: settings.packets_per_flow], settings) if with_text else "")
+        else:
+            continue
+        if len(example.input_ids) < 2:
+            counts[f"examples_empty_{example.level}"] += 1
+            continue
+        yield example
+
+
+def iter_flow_examples(paths: Sequence[str], settings: ConvertSettings, vocab: Vocab | None = None,
+                       stats: SkipCounter | None = None) -> Iterator[FinetuneExample]:
+    """Yield the flow-level examples of captures read as one stream (used by prediction)."""
+    vocab = vocab if vocab is not None else Vocab.load(settings.vocab)
+    yield from iter_finetune_examples(paths, settings, vocab, levels=("flow",), stats=stats)
+
+
+def iter_packet_examples(paths: Sequence[str], settings: ConvertSettings, vocab: Vocab | None = None,
+                         stats: SkipCounter | None = None) -> Iterator[FinetuneExample]:
+    """Yield the packet-level examples of captures read as one stream (used by prediction)."""
+    vocab = vocab if vocab is not None else Vocab.load(settings.vocab)
+    yield from iter_finetune_examples(paths, settings, vocab, levels=("packet",), stats=stats)
+
+
+def finetune_example_bytes(example: FinetuneExample, label: int) -> bytes:
+    """Serialize a fine-tuning example with its label as a `tf.train.Example`."""
+    return records.finetune_example(example.input_ids, label, example.source, example.session, example.packet_index)
+
+
+def content_digest(input_ids: np.ndarray) -> str:
+    """Return a hex digest of the final token ids, the key of cross-split deduplication."""
+    return hashlib.sha256(np.ascontiguousarray(input_ids, dtype=np.int64).tobytes()).hexdigest()

@@ -1,0 +1,128 @@
+"""Command-line flags of the conversion jobs and the Beam `PipelineOptions` built from the rest.
+
+Our own flags (inputs, output, tokenizer, header policy, shard counts, ...) are parsed with argparse
+`parse_known_args`; every flag we do not know goes unchanged to Beam's `PipelineOptions`, so any
+runner flag works: `--runner`, `--direct_num_workers`, `--direct_running_mode`, Dataflow's
+`--project/--region/--temp_location`, `--flink_master`, `--dask_client_address`, ...
+
+Code reaches the workers as follows:
+- DirectRunner and DaskRunner workers are local processes, or Dask workers where etbert-jax is
+  installed. The repository root is prepended to PYTHONPATH, so local worker processes import
+  `etbert_jax` and `pipelines` without an install.
+- Every other runner (Dataflow, Flink, Spark) gets `--setup_file` pointing at the repository's
+  setup.py unless the command line sets `--setup_file`, `--requirements_file` or
+  `--sdk_container_image` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from etbert_jax.capture.options import HEADER_POLICIES
+from etbert_jax.convert import ConvertSettings
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SETUP_FILE = REPO_ROOT / "setup.py"
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+# Runners whose workers run in local processes or on machines set up by the user.
+_LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "DaskRunner", "")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, default_shards: int) -> None:
+    """Add the flags that fill `ConvertSettings` (shared by both jobs)."""
+    defaults = ConvertSettings()
+    group = parser.add_argument_group("tokenization")
+    group.add_argument("--header_policy", "--header-policy", dest="header_policy",
+                       default=defaults.header_policy, choices=HEADER_POLICIES,
+                       help="which packet bytes become tokens; 'etbert' reproduces ET-BERT exactly "
+                            "(raw 64-byte frames in BURSTs, frames minus 38 bytes for fine-tuning)")
+    group.add_argument("--vocab", default=None,
+                       help="ET-BERT vocabulary file (WordPiece); default: the built-in 65,541-id bigram vocab")
+    group.add_argument("--bytes_per_packet", "--bytes-per-packet", dest="bytes_per_packet", type=int,
+                       default=defaults.bytes_per_packet, help="bytes each packet contributes to a BURST")
+    group.add_argument("--tokens_per_packet", "--tokens-per-packet", dest="tokens_per_packet", type=int,
+                       default=defaults.tokens_per_packet, help="bigram tokens kept per packet (fine-tuning)")
+    group.add_argument("--packets_per_flow", "--packets-per-flow", dest="packets_per_flow", type=int,
+                       default=defaults.packets_per_flow, help="first packets of a session in a flow example")
+    group.add_argument("--seq_len", "--seq-len", dest="seq_len", type=int, default=defaults.seq_len,
+                       help="max tokens of a pre-training example, [CLS] and both [SEP] included")
+    group.add_argument("--packet_seq_len", "--packet-seq-len", dest="packet_seq_len", type=int,
+                       default=defaults.packet_seq_len, help="max tokens of a packet-level example")
+    group.add_argument("--flow_seq_len", "--flow-seq-len", dest="flow_seq_len", type=int,
+                       default=defaults.flow_seq_len, help="max tokens of a flow-level example")
+    group.add_argument("--max_packets_per_session", "--max-packets-per-session",
+                       dest="max_packets_per_session", type=int, default=defaults.max_packets_per_session,
+                       help="cap on packet-level examples per session (default: no cap)")
+    group.add_argument("--negative_ratio", "--negative-ratio", dest="negative_ratio", type=float,
+                       default=defaults.negative_ratio,
+                       help="fraction of BURSTs paired with a B half from another session (SBP label 1)")
+    group.add_argument("--pair_buckets", "--pair-buckets", dest="pair_buckets", type=int,
+                       default=defaults.pair_buckets,
+                       help="groups BURSTs are hashed into for negative pairing; each group is held in "
+                            "one worker's memory")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="seed of pairing and split shuffles")
+
+    group = parser.add_argument_group("sessions")
+    group.add_argument("--idle_timeout_s", "--idle-timeout", dest="idle_timeout_s", type=float,
+                       default=defaults.idle_timeout_s, help="seconds without packets that end a session (0: off)")
+    group.add_argument("--active_timeout_s", "--active-timeout", dest="active_timeout_s", type=float,
+                       default=defaults.active_timeout_s, help="max session duration in seconds (0: off)")
+    group.add_argument("--no_fin_rst_split", "--no-fin-rst-split", dest="split_on_fin_rst",
+                       action="store_false", help="do not end TCP sessions at FIN/RST")
+
+    group = parser.add_argument_group("output")
+    group.add_argument("--num_shards", "--num-shards", dest="num_shards", type=int, default=default_shards,
+                       help="TFRecord files per output (use a multiple of the number of hosts that read them)")
+    group.add_argument("--no_series", "--no-series", dest="series", action="store_false",
+                       help="read files with trailing numbers (capture_00001.pcap, ...) as separate captures")
+
+
+def settings_from_args(args: argparse.Namespace) -> ConvertSettings:
+    """Build `ConvertSettings` from parsed flags."""
+    names = {field.name for field in dataclasses.fields(ConvertSettings)}
+    return ConvertSettings(**{name: value for name, value in vars(args).items() if name in names})
+
+
+def runner_name(beam_args: list[str]) -> str:
+    """Return the runner named in the Beam flags ('' when none is given, which means DirectRunner)."""
+    for index, arg in enumerate(beam_args):
+        if arg.startswith("--runner="):
+            return arg.split("=", 1)[1].rsplit(".", 1)[-1]
+        if arg == "--runner" and index + 1 < len(beam_args):
+            return beam_args[index + 1].rsplit(".", 1)[-1]
+    return ""
+
+
+def beam_options(beam_args: list[str]) -> PipelineOptions:
+    """Build `PipelineOptions` from the flags argparse left over, adding what workers need."""
+    args = list(beam_args)
+    runner = runner_name(args)
+
+    # Beam only knows the Dask runner by its module path.
+    args = [DASK_RUNNER if arg == "DaskRunner" else arg.replace("=DaskRunner", "=" + DASK_RUNNER)
+            for arg in args]
+    if runner == "DaskRunner" and not any(a.startswith(("--dask_npartitions", "--dask_partition_size"))
+                                          for a in args):
+        # One element per Dask partition, so each capture file becomes its own task.
+        args.append("--dask_partition_size=1")
+
+    if runner not in _LOCAL_RUNNERS:
+        shipped = ("--setup_file", "--requirements_file", "--sdk_container_image")
+        if not any(a.startswith(shipped) for a in args):
+            args.append(f"--setup_file={SETUP_FILE}")
+
+    _ensure_importable()
+    return PipelineOptions(args)
+
+
+def _ensure_importable() -> None:
+    """Prepend the repository root to PYTHONPATH, so that local worker processes find our packages."""
+    current = os.environ.get("PYTHONPATH", "")
+    parts = [p for p in current.split(os.pathsep) if p]
+    if str(REPO_ROOT) not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + parts)
