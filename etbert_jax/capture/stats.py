@@ -59,8 +59,8 @@ class SkipCounter:
         for (name, reason), n in sorted(self._seen.items()):
             if name == file and n > self.warn_limit:
                 logger.warning(
-                    "%s: %d more packets skipped (%s); only the first %d were logged",
-                    file, n - self.warn_limit, reason, self.warn_limit,
+                    "%s: %d more packets skipped (%s) without a warning line each",
+                    file, n - self.warn_limit, reason,
                 )
         for key in [k for k in self._seen if k[0] == file]:
             del self._seen[key]
