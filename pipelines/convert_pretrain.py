@@ -71,7 +71,7 @@ def run(argv: list[str]) -> dict:
     FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
     job_temp = manifest.join_path(output, manifest.TEMP_FOLDER, uuid.uuid4().hex)
     summary_path = manifest.join_path(job_temp, manifest.SUMMARY_NAME)
-    _remove_stale_shards(output, "train", settings.num_shards)
+    manifest.remove_stale_shards(output, "train", settings.num_shards)
 
     started = time.time()
     pipeline = beam.Pipeline(options=pipeline_options)
@@ -95,9 +95,7 @@ def run(argv: list[str]) -> dict:
      | "OneKey" >> beam.Map(lambda counts: (0, counts))
      | "GroupStats" >> beam.GroupByKey()
      | "WriteSummary" >> beam.FlatMap(transforms.write_summary_fn(summary_path)))
-    result = pipeline.run()
-    result.wait_until_finish()
-    _close_dask_client(result)
+    result = manifest.run_to_completion(pipeline)
     elapsed = time.time() - started
 
     counts = manifest.read_json(summary_path)
@@ -117,27 +115,6 @@ def run(argv: list[str]) -> dict:
     manifest.remove_temp(output, job_temp)
     _print_summary(result_manifest, output, elapsed)
     return result_manifest
-
-
-def _remove_stale_shards(output: str, prefix: str, num_shards: int) -> None:
-    """Delete shards of an earlier run with another shard count, so the folder never mixes two runs."""
-    pattern = manifest.join_path(output, f"{prefix}-?????-of-?????.tfrecord")
-    keep_suffix = f"-of-{num_shards:05d}.tfrecord"
-    try:
-        stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list if not m.path.endswith(keep_suffix)]
-    except Exception as err:  # nothing matched: a new folder
-        log.debug("no earlier shards in %s: %s", output, err)
-        return
-    if stale:
-        log.warning("removing %d shards of an earlier run with a different shard count from %s", len(stale), output)
-        FileSystems.delete(stale)
-
-
-def _close_dask_client(result) -> None:
-    """Close the Dask client the DaskRunner opened, so it does not try to reconnect after the run."""
-    client = getattr(result, "client", None)
-    if client is not None and hasattr(client, "close"):
-        client.close()
 
 
 def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:

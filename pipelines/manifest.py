@@ -133,6 +133,35 @@ def remove_temp(output: str, job_temp: str | None = None) -> None:
         log.debug("could not remove %s: %s", temp_root, err)
 
 
+def remove_stale_shards(output: str, prefix: str, num_shards: int) -> None:
+    """Delete shards of an earlier run with another shard count, so the folder never mixes two runs."""
+    pattern = join_path(output, f"{prefix}-?????-of-?????.tfrecord")
+    keep_suffix = f"-of-{num_shards:05d}.tfrecord"
+    try:
+        stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list if not m.path.endswith(keep_suffix)]
+    except Exception as err:  # nothing matched: a new folder
+        log.debug("no earlier shards in %s: %s", output, err)
+        return
+    if stale:
+        log.warning("removing %d shards of an earlier run with a different shard count from %s", len(stale), output)
+        FileSystems.delete(stale)
+
+
+def close_dask_client(result) -> None:
+    """Close the Dask client the DaskRunner opened, so it does not try to reconnect after the run."""
+    client = getattr(result, "client", None)
+    if client is not None and hasattr(client, "close"):
+        client.close()
+
+
+def run_to_completion(pipeline):
+    """Run a pipeline, wait for it, close a Dask client it opened, and return the result."""
+    result = pipeline.run()
+    result.wait_until_finish()
+    close_dask_client(result)
+    return result
+
+
 def build_manifest(kind: str, config: dict, tokenizer: dict, seq_len, counts: dict, shards,
                    split: dict | None = None) -> dict:
     """Assemble the manifest in the layout docs/architecture.md fixes."""

@@ -1,0 +1,240 @@
+"""Fine-tuning shards: a labeled capture tree -> packet- and flow-level examples, split without leakage.
+
+    python -m pipelines.convert_finetune ROOT --output DIR [--split auto|capture|session|packet] [--tsv]
+    etbert convert-finetune data/sample-captures --output /tmp/finetune \
+        --direct_num_workers=2 --direct_running_mode=multi_processing
+
+ROOT holds one folder per class (`ROOT/<class>/**/*.pcap`); class ids follow the sorted folder
+names and are written to `DIR/labels.json`. Output: `DIR/<level>/<split>-SSSSS-of-NNNNN.tfrecord` for
+level `packet` and `flow` and split `train`, `valid`, `test`, plus `DIR/manifest.json`, and with
+`--tsv` also ET-BERT's `DIR/tsv/<level>/<split>.tsv` (`label<TAB>text_a`).
+
+Pipeline:
+    Create(capture units with label, and split for --split capture) -> ReadFinetuneFn
+      -> [session/packet split: distinct units per class -> GroupByKey(class) -> seeded assignment,
+          joined back to the examples with GroupByKey(unit)]
+      -> GroupByKey((level, token-id digest)) -> deduplicate (keep the earliest split's copies)
+      -> serialize -> GroupByKey((level/split, shard)) -> WriteShardsFn  [and TSV files]
+    every stage's counts -> GroupByKey(one key) -> summary.json, read back by this launcher
+
+Splits are by capture file when every class has at least 3 capture units (a capture series counts
+as one), else by session with a warning in the manifest; `--split packet` reproduces ET-BERT's
+per-sample split and is flagged as leaking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from etbert_jax import convert
+from etbert_jax.tokenizer import Vocab
+from pipelines import inputs, manifest, options, splits, transforms
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARDS = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etbert convert-finetune",
+        description="Convert a labeled capture tree (ROOT/<class>/...) into fine-tuning TFRecord shards with "
+                    "Apache Beam. Flags not listed here go to Beam (--runner, --direct_num_workers, ...).")
+    parser.add_argument("root", help="folder with one subfolder of captures per class")
+    parser.add_argument("--output", required=True, help="output folder (local or gs://...)")
+    parser.add_argument("--split", default="auto", choices=splits.SPLIT_POLICIES,
+                        help="auto (default): by capture file when every class has >= 3, else by session; "
+                             "packet: ET-BERT's per-sample split (leaks, compatibility only)")
+    parser.add_argument("--tsv", action="store_true",
+                        help="also write ET-BERT's TSV files (label<TAB>space-separated hex bigrams)")
+    options.add_settings_flags(parser, DEFAULT_SHARDS)
+    return parser
+
+
+def capture_units(tree: dict[str, list[tuple[str, str]]], series: bool) -> tuple[list[splits.CaptureUnit], dict]:
+    """Return the capture units of every class and a name -> path map."""
+    path_of = {}
+    units = []
+    for label, files in sorted(tree.items()):
+        for path, name in files:
+            path_of[name] = path
+        for group in splits.group_capture_series([name for _, name in files], enabled=series):
+            units.append(splits.CaptureUnit(label=label, paths=group))
+    return units, path_of
+
+
+def _keyed_by_unit(policy: str):
+    def key(item):
+        label, _, example = item
+        return transforms.split_unit(policy, label, example), item
+    return key
+
+
+def assign_splits(items, policy: str, seed: int):
+    """Attach a split to (label, None, example) items by session or by example (Beam sub-graph)."""
+    keyed = items | "KeyByUnit" >> beam.Map(_keyed_by_unit(policy))
+    assignment = (keyed
+                  | "UnitOnly" >> beam.Map(lambda kv: (kv[0], None))
+                  | "DistinctUnits" >> beam.GroupByKey()
+                  | "GroupUnit" >> beam.Map(lambda kv: kv[0])
+                  | "UnitsPerGroup" >> beam.GroupByKey()
+                  | "AssignUnits" >> beam.FlatMap(transforms.assign_group_fn(seed)))
+    tagged_items = keyed | "TagItems" >> beam.Map(lambda kv: (kv[0][1], ("item", kv[1])))
+    return ((assignment, tagged_items)
+            | "JoinSplits" >> beam.Flatten()
+            | "GroupByUnit" >> beam.GroupByKey()
+            | "AttachSplit" >> beam.FlatMap(transforms.attach_split))
+
+
+def run(argv: list[str]) -> dict:
+    """Run the job and return its manifest (also written to OUTPUT/manifest.json)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    settings = options.settings_from_args(args)
+    vocab = Vocab.load(settings.vocab)
+    output = args.output.rstrip("/")
+    pipeline_options = options.beam_options(beam_args)
+
+    # ---- inputs, labels and the split policy --------------------------------------------------
+    tree = inputs.list_labeled_tree(args.root)
+    labels = {name: index for index, name in enumerate(sorted(tree))}
+    units, path_of = capture_units(tree, settings.series)
+    units_per_class = {label: sum(1 for unit in units if unit.label == label) for label in labels}
+    policy, warning = splits.choose_policy(args.split, units_per_class)
+    if warning:
+        log.warning("%s", warning)
+    capture_assignment = splits.assign_capture_splits(units, settings.seed) if policy == "capture" else {}
+    elements = [(unit.key, [path_of[name] for name in unit.paths], list(unit.paths), labels[unit.label],
+                 capture_assignment.get(unit.key)) for unit in units]
+    log.info("converting %d capture files of %d classes (%d units), split by %s; vocab %s (%d ids), header "
+             "policy %s, %d shards per level and split -> %s", len(path_of), len(labels), len(units), policy,
+             vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
+
+    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    manifest.write_json(manifest.join_path(output, "labels.json"), labels)
+    job_temp = manifest.join_path(output, manifest.TEMP_FOLDER, uuid.uuid4().hex)
+    summary_path = manifest.join_path(job_temp, manifest.SUMMARY_NAME)
+    prefixes = [f"{level}/{split}" for level in convert.LEVELS for split in splits.SPLITS]
+    for prefix in prefixes:
+        manifest.remove_stale_shards(output, prefix, settings.num_shards)
+
+    # ---- the pipeline --------------------------------------------------------------------------
+    started = time.time()
+    pipeline = beam.Pipeline(options=pipeline_options)
+    read = (pipeline
+            | "CaptureUnits" >> beam.Create(elements)
+            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(settings, args.tsv)))
+    items = read | "Examples" >> beam.FlatMap(transforms.only("example"))
+    assigned = items if policy == "capture" else assign_splits(items, policy, settings.seed)
+
+    session_stats = (assigned
+                     | "SessionSplit" >> beam.Map(lambda item: (item[2].session_uid, item[1]))
+                     | "GroupSessions" >> beam.GroupByKey()
+                     | "CountSessions" >> beam.FlatMap(transforms.count_session_splits))
+    deduplicated = (assigned
+                    | "KeyByContent" >> beam.Map(lambda item: ((item[2].level, convert.content_digest(
+                        item[2].input_ids)), item))
+                    | "GroupCopies" >> beam.GroupByKey()
+                    | "Deduplicate" >> beam.FlatMap(transforms.deduplicate))
+    kept = deduplicated | "Kept" >> beam.FlatMap(transforms.only("example"))
+
+    markers = pipeline | "ShardMarkers" >> beam.Create(transforms.shard_markers(prefixes, settings.num_shards))
+    written = ((kept | "Serialize" >> beam.ParDo(transforms.SerializeFinetuneFn(settings.num_shards)), markers)
+               | "WithMarkers" >> beam.Flatten()
+               | "GroupShards" >> beam.GroupByKey()
+               | "WriteShards" >> beam.ParDo(transforms.WriteShardsFn(output, settings.num_shards)))
+    stat_parts = [read, session_stats, deduplicated, written]
+    if args.tsv:
+        tsv_markers = pipeline | "TsvMarkers" >> beam.Create(
+            [((level, split), None) for level in convert.LEVELS for split in splits.SPLITS])
+        stat_parts.append((kept | "TsvRows" >> beam.Map(transforms.tsv_row), tsv_markers)
+                          | "TsvWithMarkers" >> beam.Flatten()
+                          | "GroupTsv" >> beam.GroupByKey()
+                          | "WriteTsv" >> beam.FlatMap(transforms.write_tsv_fn(output)))
+    # The summary step must be the last one applied: the DaskRunner computes only the final step
+    # and what it depends on.
+    (tuple(stat_parts)
+     | "AllStats" >> beam.Flatten()
+     | "Stats" >> beam.FlatMap(transforms.only("stats"))
+     | "OneKey" >> beam.Map(lambda counts: (0, counts))
+     | "GroupStats" >> beam.GroupByKey()
+     | "WriteSummary" >> beam.FlatMap(transforms.write_summary_fn(summary_path)))
+    result = manifest.run_to_completion(pipeline)
+    elapsed = time.time() - started
+
+    # ---- manifest ------------------------------------------------------------------------------
+    counts = manifest.read_json(summary_path)
+    manifest.compare_counters(manifest.counter_totals(result), counts)
+    manifest.check_accounting(counts)
+    shards = {level: {split: [] for split in splits.SPLITS} for level in convert.LEVELS}
+    for name in sorted(counts.get("shards", [])):
+        level, rest = name.split("/", 1)
+        shards[level][rest.split("-", 1)[0]].append(name)
+    expected = len(prefixes) * settings.num_shards
+    if len(counts.get("shards", [])) != expected:
+        raise RuntimeError(f"expected {expected} shards but the job wrote {len(counts.get('shards', []))}; "
+                           "check the worker logs for failed WriteShards steps")
+
+    per_output = counts.pop("examples_per_output", {})
+    counts["examples_per_split"] = {
+        level: {split: per_output.get(f"{level}/{split}", 0) for split in splits.SPLITS} for level in convert.LEVELS}
+    removed = counts.pop("duplicates_removed", {})
+    sessions_found = counts.pop("sessions_per_split", {})
+    split_section = {
+        "policy": policy,
+        "requested": args.split,
+        "warning": warning,
+        "seed": settings.seed,
+        "fractions": list(splits.DEFAULT_FRACTIONS),
+        "units_per_class": units_per_class,
+        "files_per_split": (splits.files_per_split(units, capture_assignment) if policy == "capture" else None),
+        "sessions_per_split": {split: sessions_found.get(split, 0) for split in splits.SPLITS},
+        "sessions_in_several_splits": counts.pop("sessions_in_several_splits", 0),
+        "duplicates_removed": {level: {split: removed.get(level, {}).get(split, 0) for split in splits.SPLITS}
+                               for level in convert.LEVELS},
+    }
+    config = dataclasses.asdict(settings)
+    config.update({"root": args.root, "output": output, "split": args.split, "tsv": args.tsv,
+                   "beam_args": beam_args})
+    result_manifest = manifest.build_manifest(
+        "finetune", config, settings.tokenizer_block(vocab),
+        {"packet": settings.packet_seq_len, "flow": settings.flow_seq_len}, counts, shards, split_section)
+    result_manifest["labels"] = labels
+    manifest.write_json(manifest.join_path(output, "manifest.json"), result_manifest)
+    manifest.remove_temp(output, job_temp)
+    _print_summary(result_manifest, output, elapsed)
+    return result_manifest
+
+
+def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
+    counts = result_manifest["counts"]
+    split = result_manifest["split"]
+    print(f"fine-tuning shards written to {output} in {elapsed:.1f} s (split by {split['policy']})", file=sys.stderr)
+    print(f"  packets read {counts.get('packets_read', 0)}, used {counts.get('packets_used', 0)}, skipped "
+          f"{sum(counts.get('packets_skipped', {}).values())} {counts.get('packets_skipped', {})}", file=sys.stderr)
+    print(f"  sessions {counts.get('sessions', 0)}, examples {counts.get('examples', 0)}", file=sys.stderr)
+    for level, per_split in counts["examples_per_split"].items():
+        print(f"  {level:6s} examples {per_split}, duplicates removed {split['duplicates_removed'][level]}",
+              file=sys.stderr)
+    if split["warning"]:
+        print(f"  WARNING: {split['warning']}", file=sys.stderr)
+    print(f"  dead letters {len(result_manifest['dead_letter'])}", file=sys.stderr)
+    for item in result_manifest["dead_letter"]:
+        print(f"    {item['file']}: {item['reason']}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
