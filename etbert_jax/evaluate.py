@@ -71,7 +71,7 @@ ZERO_CELL_LIMIT = 30
 class ReportContext:
     """Facts about an evaluation run that the scores cannot show."""
 
-    # How the conversion assigned examples to splits: "capture", "session" or "packet".
+    # Split assignment used by the conversion: "capture", "session" or "packet".
     split_policy: str
     # Header policy of the shards' tokenizer block, e.g. "etbert", "raw", "anonymize".
     header_policy: str

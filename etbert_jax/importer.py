@@ -1,10 +1,10 @@
 """Import ET-BERT's released PyTorch weights (UER-py format) as an etbert-jax checkpoint.
 
 `etbert import-etbert pretrained_model.bin --vocab encryptd_vocab.txt --out DIR` reads the
-state dict with `torch.load(..., weights_only=True)` (never a full unpickle: the file is
-untrusted input), checks every tensor name and shape, maps each tensor onto the NNX
-`PretrainModel` parameter tree and writes a checkpoint in the pre-training layout, which
-`etbert finetune --init DIR` restores like any pre-trained run.
+state dict with `torch.load(..., weights_only=True)`, because the file is untrusted input and
+a full unpickle could run code. It checks every tensor name and shape, maps each tensor onto
+the NNX `PretrainModel` parameter tree and writes a checkpoint in the pre-training layout.
+`etbert finetune --init DIR` restores it like any pre-trained run.
 
 Name mapping (UER -> etbert-jax; torch Linear weights are [out, in] and get transposed):
 
@@ -83,7 +83,7 @@ class UerDimensions:
 
 @dataclasses.dataclass(frozen=True)
 class ImportResult:
-    """What an import wrote and what it left out."""
+    """Outcome of an import: the checkpoint written and the tensors left out."""
 
     # Checkpoint directory (the workdir passed as `--out`).
     out_dir: pathlib.Path
@@ -119,7 +119,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
             f"unpickling rejected it): {str(error).splitlines()[0]}"
         ) from error
     if not isinstance(loaded, Mapping):
-        raise WeightImportError(f"{path} holds a {type(loaded).__name__}, expected a state dict "
+        raise WeightImportError(f"{path} contains a {type(loaded).__name__}, expected a state dict "
                            "(a mapping of tensor names to tensors)")
 
     tensors = {}
@@ -407,8 +407,8 @@ def import_etbert(
     config_dict = config_lib.config_to_dict(config)
     source = {"weights": str(weights_path.absolute()), "weights_sha256": file_sha256(weights_path)}
     # NOTE: Checkpointer.save needs an optimizer item and Orbax rejects an empty one, so a
-    # one-element marker stands in. The checkpoint restores for fine-tuning and prediction
-    # (model item only), but `etbert pretrain` cannot resume from it.
+    # one-element marker is saved in its place. Fine-tuning and prediction restore the model
+    # item only and work, but `etbert pretrain` cannot resume from this checkpoint.
     optimizer_marker = {"imported_without_optimizer_state": np.zeros((), np.int32)}
     checkpointer = checkpoint_lib.Checkpointer(out / checkpoint_lib.CHECKPOINT_SUBDIR, save_every=1,
                                                keep=1, async_save=False)
