@@ -148,19 +148,24 @@ class DryRunRunner(CommandRunner):
     """Print each command with `shlex.join`, one per line, and run nothing.
 
     Notes are printed as shell comments (`# ...`), so the output stays a readable shell script.
-    `results` maps a purpose to the result to pretend, for example a failed describe so that a
-    dry run shows the path that creates a TPU VM. Other purposes pretend success with no output.
+    `results` maps a purpose to the results to pretend, in order, with the last one repeated: for
+    example a failed describe and then a READY one, so that a dry run shows the path that creates a
+    TPU VM. Other purposes pretend success with no output.
     """
 
-    def __init__(self, out: TextIO | None = None, results: Mapping[str, CommandResult] | None = None):
+    def __init__(self, out: TextIO | None = None,
+                 results: Mapping[str, Sequence[CommandResult]] | None = None):
         self.out = out if out is not None else sys.stdout
-        self.results = dict(results or {})
+        self.results = {purpose: list(queue) for purpose, queue in (results or {}).items()}
         self.commands: list[list[str]] = []
 
     def run(self, argv: Sequence[str], *, purpose: str, capture: bool = False) -> CommandResult:
         self.commands.append(list(argv))
         print(shlex.join(argv), file=self.out)
-        return self.results.get(purpose, CommandResult(0))
+        queue = self.results.get(purpose)
+        if not queue:
+            return CommandResult(0)
+        return queue.pop(0) if len(queue) > 1 else queue[0]
 
     def note(self, text: str) -> None:
         for line in text.splitlines():

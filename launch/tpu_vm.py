@@ -345,9 +345,17 @@ class TpuVmLauncher:
 
         for _ in range(MAX_REATTACH + 1):
             status = self.runner.run(self.ssh_command("0", self.stream_script(attempt)), purpose="stream").returncode
+            state = self.describe_state()
             if status == 0:
-                return 0
-            if self.describe_state() != "READY":
+                if state == "READY":
+                    return 0
+                # The trainer saves a checkpoint and exits with 0 on SIGTERM, which is also what a
+                # preemption sends, so a 0 from a VM that is gone counts as a preemption.
+                # NOTE: a SIGTERM on a VM that stays READY still reads as a finished run.
+                log.warning("worker 0 exited with 0 but TPU VM %s is %s: treating it as preempted",
+                            self.options.name, state)
+                return EXIT_STATUS_MISSING
+            if state != "READY":
                 return status
             running = self.runner.run(self.ssh_command("0", self.running_script()), purpose="check")
             if running.returncode != 0:
@@ -448,8 +456,10 @@ def main(argv: list[str] | None = None, runner: common.CommandRunner | None = No
     except ValueError as error:
         parser.error(str(error))
     if args.dry_run:
-        # A failed describe shows the full path: create, copy, install, train, stream.
-        runner = common.DryRunRunner(results={"describe": common.CommandResult(1)})
+        # A failed describe shows the full path (create, copy, install, train, stream); the VM is
+        # READY afterwards, so the run ends after one attempt.
+        runner = common.DryRunRunner(results={"describe": [common.CommandResult(1),
+                                                            common.CommandResult(0, "READY")]})
         launcher = TpuVmLauncher(options, runner, sleep=lambda seconds: None)
         launcher.launch()
         runner.note("after a failure or preemption, each restart starts training with --resume:")

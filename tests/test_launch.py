@@ -136,7 +136,7 @@ def run_tpu_dry_run(capsys, extra: list[str]) -> tuple[list[list[str]], str]:
 def test_tpu_dry_run_commands(capsys, no_external_commands):
     commands, output = run_tpu_dry_run(capsys, ["--spot", "--env", "LIBTPU_INIT_ARGS=--flag=1"])
     verbs = [argv[4] if argv[0] == "gcloud" else argv[0] for argv in commands]
-    assert verbs == ["describe", "create", "tar", "scp", "ssh", "ssh", "ssh"]
+    assert verbs == ["describe", "create", "tar", "scp", "ssh", "ssh", "ssh", "describe"]
 
     gcloud = [argv for argv in commands if argv[0] == "gcloud"]
     for argv in gcloud:
@@ -180,7 +180,7 @@ def test_tpu_dry_run_git_clone(capsys, no_external_commands):
     commands, _ = run_tpu_dry_run(capsys, ["--preemptible", "--repo-url", "https://example.org/etbert-jax.git",
                                            "--ref", "v0.1.0", "--runtime-version", "custom-image"])
     verbs = [argv[4] if argv[0] == "gcloud" else argv[0] for argv in commands]
-    assert verbs == ["describe", "create", "ssh", "ssh", "ssh"]
+    assert verbs == ["describe", "create", "ssh", "ssh", "ssh", "describe"]
     assert "--preemptible" in commands[1]
     assert flag_value(commands[1], "--version") == "custom-image"
     install = flag_value(commands[2], "--command")
@@ -232,7 +232,7 @@ def test_tpu_preemption_recreates_and_resumes(no_external_commands):
     Result = common.CommandResult
     runner = ScriptedRunner({
         # First attempt: no VM yet; after the lost stream the VM is PREEMPTED; then it is recreated.
-        "describe": [Result(1), Result(0, "PREEMPTED\n"), Result(0, "PREEMPTED\n")],
+        "describe": [Result(1), Result(0, "PREEMPTED\n"), Result(0, "PREEMPTED\n"), Result(0, "READY\n")],
         "stream": [Result(255), Result(0)],
     })
     sleeps = []
@@ -241,7 +241,7 @@ def test_tpu_preemption_recreates_and_resumes(no_external_commands):
     assert status == 0
     assert runner.purposes() == [
         "describe", "create", "pack", "copy", "install", "train", "stream", "describe",
-        "describe", "delete", "create", "pack", "copy", "install", "train", "stream"]
+        "describe", "delete", "create", "pack", "copy", "install", "train", "stream", "describe"]
     assert sleeps == [30.0]
 
     first, second = (flag_value(argv, "--command") for argv in runner.commands("train"))
@@ -279,7 +279,7 @@ def test_tpu_restarts_are_bounded(no_external_commands):
 def test_tpu_lost_stream_reattaches(no_external_commands):
     Result = common.CommandResult
     runner = ScriptedRunner({
-        "describe": [Result(0, "READY"), Result(0, "READY")],
+        "describe": [Result(0, "READY")] * 3,
         "stream": [Result(255), Result(0)],
         "check": [Result(0)],
     })
@@ -288,10 +288,25 @@ def test_tpu_lost_stream_reattaches(no_external_commands):
 
     assert status == 0
     assert runner.purposes() == ["describe", "stop", "pack", "copy", "install", "train",
-                                 "stream", "describe", "check", "stream"]
+                                 "stream", "describe", "check", "stream", "describe"]
     assert sleeps == []
     check = runner.commands("check")[0]
     assert flag_value(check, "--worker") == "0"
+
+
+def test_tpu_clean_exit_on_lost_vm_resumes(no_external_commands):
+    Result = common.CommandResult
+    # Worker 0 exits with 0 after SIGTERM, but the VM is gone: that is a preemption, not the end.
+    runner = ScriptedRunner({
+        "describe": [Result(0, "READY"), Result(1), Result(1), Result(0, "READY")],
+        "stream": [Result(0), Result(0)],
+    })
+    status = tpu_vm.TpuVmLauncher(tpu_options(), runner, sleep=lambda seconds: None).launch()
+
+    assert status == 0
+    assert runner.purposes().count("create") == 1
+    resumes = ["--resume" in pretrain_argv_in(flag_value(argv, "--command")) for argv in runner.commands("train")]
+    assert resumes == [False, True]
 
 
 def test_tpu_create_failure_counts_as_restart(no_external_commands):
@@ -597,3 +612,47 @@ def test_local_signal_exit_status(tmp_path):
     specs = local_specs(tmp_path, program, num_processes=1)
     status = local_multiprocess.run_processes(specs, tmp_path / "logs", out=io.StringIO())
     assert status == 128 + 9
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def small_pretrain_shards(tmp_path_factory, sample_captures) -> pathlib.Path:
+    """Two pre-training shards converted from a few bundled captures by `etbert convert-pretrain`."""
+    if not module_available("pipelines.convert_pretrain"):
+        pytest.skip("pipelines/convert_pretrain.py is not importable yet, so no shards can be made")
+    output = tmp_path_factory.mktemp("launch-shards")
+    command = [sys.executable, "-m", "etbert_jax.main", "convert-pretrain",
+               str(sample_captures / "tls12"), str(sample_captures / "ssh"),
+               "--output", str(output), "--num_shards", "2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_local_launcher_runs_etbert_pretrain(small_pretrain_shards, tmp_path, capsys, monkeypatch):
+    if not module_available("etbert_jax.train"):
+        pytest.skip("etbert_jax/train.py is not importable yet, so `etbert pretrain` cannot run")
+    # The default executable is `python -m etbert_jax.main`, found from the repository root.
+    monkeypatch.chdir(REPO_ROOT)
+    workdir = tmp_path / "run"
+    status = local_multiprocess.main([
+        "--num-processes", "2", "--devices-per-process", "4", "--timeout", "600",
+        "--config", "tiny", "--data", str(small_pretrain_shards), "--workdir", str(workdir),
+        "train.steps=4", "train.log_every=2", "train.checkpoint_every=2"])
+    output = capsys.readouterr().out
+    process_1_log = (workdir / "logs" / "process-1.log").read_text()
+
+    assert status == 0, output[-4000:] + process_1_log[-4000:]
+    assert "[process 0] " in output
+    assert "process 1 of 2: 4 local devices, 8 global devices" in process_1_log
+    assert (workdir / "checkpoints" / "4").is_dir()
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
