@@ -240,9 +240,8 @@ def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter) -> 
     # The upper bits of the link-type field carry FCS information; only the low 26 bits name the type.
     linktype = network & 0x03FFFFFF
     record_header = struct.Struct(order + "IIII")
-    limit = MAX_RECORD_BYTES
-    if snaplen > 0:
-        limit = min(limit, snaplen + SNAPLEN_SLACK) if snaplen < MAX_RECORD_BYTES else MAX_RECORD_BYTES
+    # A snaplen of 0 means "unknown" in some writers, so only the absolute cap applies then.
+    limit = min(MAX_RECORD_BYTES, snaplen + SNAPLEN_SLACK) if snaplen else MAX_RECORD_BYTES
     index = 0
 
     while True:
