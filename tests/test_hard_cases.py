@@ -61,7 +61,7 @@ def test_01_pcapng_equals_pcap(hard_cases, tmp_path):
     classic = tmp_path / "tcp_udp_session.pcap"
     classic.write_bytes(pcap_bytes([(r.ts_ns, r.data) for r in records], nanosecond=True))
     assert sessions_of([classic], names=["capture"])[3] == events
-    # The big-endian pcap of hard case 06 holds the same exchange; only IP IDs and checksums differ.
+    # The big-endian pcap of hard case 06 contains the same exchange. Only IP IDs and checksums differ.
     big_endian = hard_cases / "06-big-endian-captures" / "bigendian_usec.pcap"
     assert policy_bytes(big_endian, "anonymize") == policy_bytes(pcapng, "anonymize")
 
@@ -102,7 +102,8 @@ def test_08_truncated_last_record(hard_cases, caplog):
         assert stats.packets_skipped == {"truncated_record": 1}, path.name
         assert summary(sessions) == [(BASE_TCP, [6, 5], [77, 2000]), (BASE_UDP, [1, 0], [33, 0])], path.name
         warnings = [m for m in caplog.messages if "truncated_record" in m]
-        assert len(warnings) == 1 and path.name in warnings[0], path.name
+        assert len(warnings) == 1, path.name
+        assert path.name in warnings[0], path.name
         if path.suffix == ".pcap":
             assert "byte offset 2962" in warnings[0], path.name
 

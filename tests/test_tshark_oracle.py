@@ -4,11 +4,14 @@ With every timeout and the FIN/RST split off, a session is a conversation: proto
 pair of endpoints. `tshark -z conv,tcp -z conv,udp` must then list the same conversations with the same
 packet counts per direction.
 
-The comparison runs on captures where both sides define conversations the same way. tshark 4.0 counts
-differently where it dissects more than the capture layer reads, none of which the files below contain:
-it adds the inner conversations of tunnels (GRE, VXLAN, GTP, Teredo), counts a reassembled IP datagram
-at its last fragment, keys IPv6 packets with a routing header by the final destination, splits a TCP
-conversation when a port pair is reused after a new SYN, and reads 802.11 frames.
+The comparison runs on captures where both sides define conversations the same way. tshark 4.0
+dissects more than the capture layer reads, and it counts differently in these cases, which the files
+below do not contain:
+- it adds the inner conversations of tunnels (GRE, VXLAN, GTP, Teredo);
+- it counts a reassembled IP datagram at its last fragment;
+- it keys IPv6 packets with a routing header by the final destination;
+- it splits a TCP conversation when a port pair is reused after a new SYN;
+- it reads 802.11 frames.
 """
 
 from __future__ import annotations

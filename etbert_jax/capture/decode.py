@@ -3,11 +3,15 @@
 `decode_packet(linktype, data, wire_len)` returns a `Packet` or a skip reason string. It reads headers
 with `struct.unpack_from` straight from the captured bytes and copies nothing.
 
-Link types: Ethernet (1) with any stack of 802.1Q/802.1ad tags (0x8100, 0x88a8, 0x9100, 0x9200), MPLS
-(0x8847, 0x8848; the version nibble after the bottom label picks IPv4 or IPv6) and PPPoE sessions
-(0x8864, PPP 0x0021 or 0x0057); Linux cooked captures SLL (113) and SLL2 (276); raw IP (12, 14, 101 by
-version nibble, 228 IPv4, 229 IPv6); BSD NULL (0, host byte order, detected) and LOOP (108, network
-order); NFLOG (239, the payload TLV). Any other link type is skipped as `unsupported_linktype:<n>`.
+Link types:
+- Ethernet (1) with any stack of 802.1Q/802.1ad tags (0x8100, 0x88a8, 0x9100, 0x9200), with MPLS
+  (0x8847, 0x8848), where the version nibble after the bottom label picks IPv4 or IPv6, and with PPPoE
+  sessions (0x8864, PPP 0x0021 or 0x0057);
+- Linux cooked captures SLL (113) and SLL2 (276);
+- raw IP (12, 14 and 101 by version nibble, 228 IPv4, 229 IPv6);
+- BSD NULL (0, host byte order, detected) and LOOP (108, network byte order);
+- NFLOG (239), whose payload TLV holds the IP packet.
+Any other link type is skipped as `unsupported_linktype:<n>`.
 
 Skip reasons (see docs/capture-rules.md for the full rules):
 `truncated_link_header`, `non_ip`, `unsupported_linktype:<n>`, `truncated_ip_header`, `bad_ip_header`,

@@ -4,11 +4,12 @@
 
 - `anonymize` (default): the IP packet from the IP header to the IP end, with the fields that identify
   hosts or leak capture context zeroed. IPv4: identification, TTL, header checksum, source and
-  destination address. IPv6: flow label, hop limit, source and destination address. TCP: ports and
-  checksum, the sequence number made relative to the sending direction's initial sequence number and
-  the acknowledgement number relative to the other direction's (both modulo 2^32, 0 while the base is
-  unknown), and the TSval/TSecr values of every timestamp option (kind 8). UDP: ports and checksum.
-  Everything else stays as captured, IPv4 options, IPv6 extension headers and the payload included.
+  destination address. IPv6: flow label, hop limit, source and destination address. TCP: ports,
+  checksum and the TSval/TSecr values of every timestamp option (kind 8). The TCP sequence number
+  becomes relative to the sending direction's initial sequence number, and the acknowledgement number
+  relative to the other direction's. Both are taken modulo 2^32 and are 0 while the base is unknown.
+  UDP: ports and checksum. Everything else stays as captured, IPv4 options, IPv6 extension headers and
+  the payload included.
 - `strip-link`: the IP packet from the IP header to the IP end, unchanged.
 - `raw`: the frame from the link-layer header to the IP end, so Ethernet padding and FCS are dropped.
 - `etbert`: the captured frame exactly as stored, padding included, as ET-BERT reads it. ET-BERT then
@@ -42,7 +43,7 @@ def apply_header_policy(
     packet: Packet,
     seq_base: tuple[int | None, int | None] = (None, None),
 ) -> bytes:
-    """Return the bytes of `packet` that `policy` keeps, with its fields blanked as the policy says.
+    """Return the bytes of `packet` that `policy` keeps, with the fields that the policy blanks zeroed.
 
     `seq_base` is (initial sequence number of the sender, initial sequence number of the receiver),
     used only by `anonymize` on TCP packets.

@@ -13,7 +13,7 @@ HEADER_POLICIES = ("anonymize", "strip-link", "raw", "etbert")
 
 @dataclasses.dataclass(frozen=True)
 class SessionOptions:
-    """How packets are grouped into sessions."""
+    """Session grouping options: timeouts and TCP FIN/RST handling."""
 
     # Seconds of capture time without a packet after which a session ends; 0 or None disables it.
     idle_timeout_s: float | None = 120.0

@@ -13,8 +13,8 @@ Events are plain frozen dataclasses:
   bytes (cut to `keep_bytes_flow`), for flow-level examples.
 
 Events of one session always come in capture order, and its `SessionEnd` follows its last `Burst`.
-Sessions get consecutive indexes in the order of their first packet; `close_all()` ends the remaining
-ones in that order, so the same input always gives the same events in the same order.
+Sessions get consecutive indexes in the order of their first packet. `close_all()` ends the remaining
+ones in that order too, so the same input always gives the same events in the same order.
 
 Session rules (docs/capture-rules.md states them in full):
 
@@ -68,7 +68,7 @@ def format_endpoint(endpoint: Endpoint) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PacketInfo:
-    """Where one kept packet of a session came from."""
+    """Origin of one kept packet of a session: time, direction, file and record index."""
 
     # Timestamp in integer nanoseconds.
     ts_ns: int
@@ -428,9 +428,9 @@ def iter_sessions(
 ) -> Iterator[Event]:
     """Yield the events of several capture files read as one stream.
 
-    Files are read in the order of their first packet's timestamp when `sort_by_first_timestamp` is
-    set (ties and files without packets keep the given order), so a capture series gives the same
-    sessions whatever order it is listed in; otherwise in the given order. `names` labels each path in
+    With `sort_by_first_timestamp`, files are read in the order of their first packet's timestamp, and
+    ties and files without packets keep the given order. A capture series then gives the same sessions
+    whatever order it is listed in. Without it, files are read in the given order. `names` labels each path in
     events and warnings (default: the path). `table_args` go to `SessionTable`. A file that is not a
     capture raises `reader.CaptureFormatError`, unless `on_format_error(name, error)` is given: then it
     is called and the file is left out.

@@ -1,7 +1,7 @@
 """Packet accounting for the capture layer: packets read, used and skipped by reason.
 
-`SkipCounter` keeps exact counts and logs rate-limited warnings. Counting follows one rule so that
-`packets_read == packets_used + sum(packets_skipped.values())` holds once every record is handled:
+`SkipCounter` keeps exact counts and logs rate-limited warnings. Counting follows one rule, so that
+`packets_read == packets_used + sum(packets_skipped.values())` is true once every record is handled:
 
 - the reader calls `count_read()` once for every record it meets, complete or damaged;
 - whoever consumes a record then calls exactly one of `count_used()` or `count_skipped(...)`.
