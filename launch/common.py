@@ -31,7 +31,7 @@ class LaunchError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainingArgs:
-    """What every launcher passes to `etbert pretrain`, whatever the target machine."""
+    """Arguments that every launcher passes to `etbert pretrain`, whatever the target machine."""
 
     # Preset name (`tiny`, `small`, `base`, `large`) or path to a YAML file, as seen by the workers.
     config: str
@@ -68,9 +68,10 @@ def pretrain_argv(training: TrainingArgs, *, resume: bool, executable: Sequence[
                   extra_flags: Sequence[str] = ()) -> list[str]:
     """Build the `etbert pretrain` argument list.
 
-    `resume=True` adds `--resume`, which restarts use. Without it the trainer keeps its default,
-    which resumes when the workdir already holds a checkpoint. `extra_flags` carries launcher-specific
-    trainer flags such as the distributed ones. The overrides come last, as positional arguments.
+    `resume=True` adds `--resume`, as restarts after a failure do. Without it the trainer keeps its
+    default, which is to resume when the workdir already contains a checkpoint. `extra_flags` are
+    launcher-specific trainer flags such as the distributed ones. The overrides come last, as
+    positional arguments.
     """
     argv = [*executable, "pretrain",
             "--config", training.config,

@@ -5,8 +5,8 @@
 
 This simulates a pod on one machine: process i gets `--coordinator localhost:PORT
 --num-processes N --process-id i`, `XLA_FLAGS=--xla_force_host_platform_device_count=K`,
-`JAX_PLATFORMS=cpu` and gloo CPU collectives, so the job sees N x K devices spread over N
-processes, as N TPU hosts would. The coordinator port is a free localhost port unless `--port`
+`JAX_PLATFORMS=cpu` and gloo CPU collectives, so the job has N x K devices spread over N
+processes, as a slice of N TPU hosts has. The coordinator port is a free localhost port unless `--port`
 is given.
 
 Process 0's output is streamed with a `[process 0]` prefix. The other processes write to
@@ -85,8 +85,8 @@ class ProcessSpec:
 def free_port() -> int:
     """Return a TCP port on localhost that is free now.
 
-    NOTE: another program may take the port between this call and the coordinator's start;
-    the run then fails at start-up and can be repeated, or given a fixed `--port`.
+    NOTE: another program may take the port before the coordinator starts. The run then fails at
+    start-up, and can be repeated or given a fixed `--port`.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("localhost", 0))
@@ -95,8 +95,8 @@ def free_port() -> int:
 
 def merge_xla_flags(existing: str | None, devices: int) -> str:
     """Replace any device-count flag in XLA_FLAGS with ours and keep the other flags."""
-    kept = _DEVICE_COUNT_FLAG.sub("", existing or "").split()
-    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+    other_flags = _DEVICE_COUNT_FLAG.sub("", existing or "").split()
+    return " ".join([*other_flags, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def build_process_specs(options: LocalOptions, port: int,

@@ -4,7 +4,7 @@
         --config base --data /shared/etbert/shards --workdir /shared/etbert/runs/base \\
         data.global_batch_size=512 train.steps=100000
 
-The rendered script asks for `--nodes` nodes with `--gpus-per-node` GPUs and as many tasks per
+The rendered script requests `--nodes` nodes with `--gpus-per-node` GPUs and as many tasks per
 node (one JAX process per GPU), and runs `srun etbert pretrain ...` with the given flags and
 overrides. It is written to `--script-out` (default: WORKDIR/slurm-pretrain.sbatch), so the run
 directory keeps the exact script it ran with, and SLURM's output goes to WORKDIR/slurm-<jobid>.out.
@@ -100,7 +100,7 @@ def settings_block(options: SlurmOptions) -> str:
 def render_script(options: SlurmOptions, template: str | None = None) -> str:
     """Fill the template's #SBATCH lines and settings block for this run."""
     template = TEMPLATE.read_text() if template is None else template
-    wanted = directives(options)
+    requested = directives(options)
 
     # Replace the template's directives that we set; add the others after its last directive.
     lines = template.splitlines()
@@ -112,12 +112,12 @@ def render_script(options: SlurmOptions, template: str | None = None) -> str:
             continue
         last_directive = index
         key = match.group(1)
-        if key in wanted:
-            lines[index] = f"#SBATCH --{key}={wanted[key]}"
+        if key in requested:
+            lines[index] = f"#SBATCH --{key}={requested[key]}"
             seen.add(key)
     if last_directive < 0:
         raise ValueError(f"template {TEMPLATE} has no #SBATCH lines")
-    extra = [f"#SBATCH --{key}={value}" for key, value in wanted.items() if key not in seen]
+    extra = [f"#SBATCH --{key}={value}" for key, value in requested.items() if key not in seen]
     lines[last_directive + 1:last_directive + 1] = extra
     script = "\n".join(lines) + "\n"
 

@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     code.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                       help="environment variable for the training processes (repeatable)")
 
+    code.add_argument("--allow-local-paths", action="store_true",
+                      help="accept --data and --workdir paths that are not gs:// on multi-host slices "
+                           "(for a shared mount such as Cloud Storage FUSE on every worker)")
+
     common.add_training_flags(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")
     return parser
@@ -432,13 +436,18 @@ def options_from_args(args: argparse.Namespace) -> TpuVmOptions:
     shape = slice_shape(args.accelerator_type)
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
-    if shape.hosts > 1:
+    if shape.hosts > 1 and not args.allow_local_paths:
         for flag, value in (("--workdir", args.workdir), ("--data", args.data)):
             if not value.startswith("gs://"):
                 raise ValueError(f"{flag} {value!r} is not a gs:// path, but {args.accelerator_type} has "
                                  f"{shape.hosts} workers that must all read and write the same files; "
-                                 "use a Cloud Storage path such as gs://BUCKET/...")
-    provisioning = "spot" if args.spot else "preemptible" if args.preemptible else "on-demand"
+                                 "use a Cloud Storage path such as gs://BUCKET/..., or pass "
+                                 "--allow-local-paths if the path is a shared mount on every worker")
+    provisioning = "on-demand"
+    if args.spot:
+        provisioning = "spot"
+    elif args.preemptible:
+        provisioning = "preemptible"
     return TpuVmOptions(
         name=args.name, zone=args.zone, project=args.project, accelerator_type=args.accelerator_type,
         runtime_version=args.runtime_version or default_runtime_version(args.accelerator_type),

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     gke.add_argument("--spot", action="store_true", help="run on Spot capacity")
     gke.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                      help="environment variable for the containers (repeatable)")
+    gke.add_argument("--allow-local-paths", action="store_true",
+                     help="accept --data and --workdir paths that are not gs:// (a volume mounted in every container)")
     common.add_training_flags(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the xpk command and run nothing")
     return parser
@@ -143,9 +145,10 @@ def options_from_args(args: argparse.Namespace) -> XpkOptions:
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     for flag, value in (("--workdir", args.workdir), ("--data", args.data)):
-        if not value.startswith("gs://"):
+        if not value.startswith("gs://") and not args.allow_local_paths:
             raise ValueError(f"{flag} {value!r} is not a gs:// path; containers on GKE share no local "
-                             "disk, so use a Cloud Storage path such as gs://BUCKET/...")
+                             "disk, so use a Cloud Storage path such as gs://BUCKET/..., or pass "
+                             "--allow-local-paths if the path is a volume mounted in every container")
     env = common.parse_env_assignments(args.env)
     return XpkOptions(cluster=args.cluster, workload=args.workload, tpu_type=args.tpu_type,
                       device_type=args.device_type, num_slices=args.num_slices,

@@ -1,9 +1,10 @@
 """Tests of the launchers in launch/.
 
-Cloud launchers are only run in dry-run mode or with a scripted in-process command runner, so no
-gcloud, xpk or sbatch command is ever executed; a fixture makes any attempt fail the test. The
-local multi-process launcher starts real local processes: small stand-in programs check its
-process handling and that its environment yields one working multi-process JAX job, and a real
+Cloud launchers run only in dry-run mode or with a scripted in-process command runner, so no
+gcloud, xpk or sbatch command is executed. A fixture fails any test that tries.
+
+The local multi-process launcher starts real local processes. Small stand-in programs check its
+process handling and that its environment gives one working multi-process JAX job. A real
 `etbert pretrain` run checks the whole path once the trainer exists.
 """
 
@@ -41,10 +42,10 @@ def no_external_commands(monkeypatch, tmp_path):
     and PATH is emptied so that no cloud tool could be found even by a direct call.
     """
 
-    def refuse(self, argv, *, purpose, capture=False):
+    def reject_command(self, argv, *, purpose, capture=False):
         raise AssertionError(f"a launcher tried to run {purpose!r}: {argv}")
 
-    monkeypatch.setattr(common.SubprocessRunner, "run", refuse)
+    monkeypatch.setattr(common.SubprocessRunner, "run", reject_command)
     empty = tmp_path / "empty-path"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
@@ -189,13 +190,17 @@ def test_tpu_dry_run_git_clone(capsys, no_external_commands):
     bash_syntax_ok(install)
 
 
-def test_tpu_multihost_needs_gcs_paths(capsys):
+def test_tpu_multihost_needs_gcs_paths(capsys, no_external_commands):
     argv = ["--name", "n", "--zone", "z", "--accelerator-type", "v4-64", "--config", "base",
             "--data", "/local/shards", "--workdir", "gs://b/run", "--dry-run"]
     with pytest.raises(SystemExit) as exit_info:
         tpu_vm.main(argv)
     assert exit_info.value.code == 2
     assert "--data '/local/shards' is not a gs:// path" in capsys.readouterr().err
+
+    assert tpu_vm.main([*argv, "--allow-local-paths"]) == 0
+    start = [command for command in command_lines(capsys.readouterr().out) if "setsid" in " ".join(command)]
+    assert "--data /local/shards" in flag_value(start[0], "--command")
 
 
 class ScriptedRunner(common.CommandRunner):
@@ -498,8 +503,8 @@ def test_local_free_port_bindable():
         sock.bind(("localhost", port))
 
 
-# A stand-in for `etbert` that joins the multi-process JAX job the launcher sets up and reports
-# what it sees. It parses the same flags as `etbert pretrain`.
+# A stand-in for `etbert` that joins the multi-process JAX job the launcher sets up, then writes its
+# device counts and the result of a cross-process gather. It parses the flags of `etbert pretrain`.
 JAX_STAND_IN = """
 import argparse, json, pathlib, sys
 assert sys.argv[1] == "pretrain", sys.argv
