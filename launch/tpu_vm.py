@@ -22,6 +22,10 @@ Steps, each one `gcloud compute tpus tpu-vm` command (add `--dry-run` to print t
 
 Checkpoints, TensorBoard logs and metrics.jsonl go to `--workdir`, which must be a gs:// path on
 multi-host slices because every worker writes its shards of each checkpoint there.
+
+Training runs detached on the workers, so stopping this launcher (Ctrl-C) leaves it running. A
+later launch with the same `--name` stops that run (SIGTERM, so the trainer saves a checkpoint)
+and starts again, which resumes from the checkpoint.
 """
 
 import argparse
@@ -114,7 +118,7 @@ def default_runtime_version(accelerator_type: str) -> str:
 class TpuVmOptions:
     """Everything the TPU VM launcher needs; built from the command line by `options_from_args`."""
 
-    # TPU VM (queued resource-less node) name.
+    # TPU VM name.
     name: str
     # Compute zone, such as us-east5-a.
     zone: str
