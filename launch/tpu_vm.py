@@ -92,20 +92,24 @@ class SliceShape:
 def slice_shape(accelerator_type: str) -> SliceShape:
     """Return the chips and hosts of an accelerator type such as v4-64, v5p-32 or v5litepod-16.
 
-    For v2, v3, v4 and v5p the number counts TensorCores (two per chip). For v5e (v5litepod) and
-    v6e it counts chips. Multi-host slices have four chips per host, and the 8-chip v5e and v6e
-    slices are single hosts.
+    For v2, v3, v4 and v5p the number counts TensorCores (two per chip) and a host has four chips.
+    For v5e (v5litepod) and v6e the number counts chips and a host has eight, as the v5p, v5e and
+    v6e pages of Google's TPU documentation list them.
+    NOTE: the host count feeds only the start-up log line and the shared-path check of multi-host
+    slices; `--worker=all` reaches every worker whatever their number.
     """
     match = _ACCELERATOR.match(accelerator_type)
     if match is None:
         raise ValueError(f"unknown TPU accelerator type {accelerator_type!r}: expected a family "
                          f"({', '.join(DEFAULT_RUNTIME)}) and a size, such as v4-64 or v5p-32")
     family, size = match.group(1), int(match.group(2))
-    chips = size // 2 if family in ("v2", "v3", "v4", "v5p") else size
+    if family in ("v5litepod", "v6e"):
+        chips, chips_per_host = size, 8
+    else:
+        chips, chips_per_host = size // 2, 4
     if chips < 1:
         raise ValueError(f"accelerator type {accelerator_type!r} has no whole chip")
-    hosts = 1 if chips <= (8 if family in ("v5litepod", "v6e") else 4) else chips // 4
-    return SliceShape(chips=chips, hosts=hosts)
+    return SliceShape(chips=chips, hosts=max(1, chips // chips_per_host))
 
 
 def default_runtime_version(accelerator_type: str) -> str:

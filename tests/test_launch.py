@@ -111,8 +111,9 @@ def test_pretrain_argv_order():
     ("v4-64", 32, 8, "tpu-ubuntu2204-base"),
     ("v5p-32", 16, 4, "v2-alpha-tpuv5"),
     ("v5litepod-8", 8, 1, "v2-alpha-tpuv5-lite"),
-    ("v5litepod-16", 16, 4, "v2-alpha-tpuv5-lite"),
-    ("v6e-256", 256, 64, "v2-alpha-tpuv6e"),
+    ("v5litepod-4", 4, 1, "v2-alpha-tpuv5-lite"),
+    ("v5litepod-16", 16, 2, "v2-alpha-tpuv5-lite"),
+    ("v6e-256", 256, 32, "v2-alpha-tpuv6e"),
 ])
 def test_tpu_slice_shape(accelerator, chips, hosts, runtime):
     shape = tpu_vm.slice_shape(accelerator)
