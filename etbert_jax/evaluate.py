@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,14 @@ SPLIT_LEAKAGE = {
         "between training and test examples instead of learning the traffic class. "
         "Scores are typically far higher than on unseen sessions or captures."
     ),
+    "unknown": (
+        "the data records no split policy, so leakage between the splits cannot be ruled out. "
+        "Treat the scores as possibly inflated."
+    ),
 }
+
+# Policy name used when the data records none (e.g. a TFDS dataset without split metadata).
+UNKNOWN_SPLIT_POLICY = "unknown"
 
 # Short notes on what each header policy leaves visible to the model.
 HEADER_NOTES = {
@@ -71,7 +79,7 @@ ZERO_CELL_LIMIT = 30
 class ReportContext:
     """Facts about an evaluation run that the scores cannot show."""
 
-    # Split assignment used by the conversion: "capture", "session" or "packet".
+    # Split assignment used by the conversion: "capture", "session", "packet" or "unknown".
     split_policy: str
     # Header policy of the shards' tokenizer block, e.g. "etbert", "raw", "anonymize".
     header_policy: str
@@ -367,6 +375,70 @@ def write_report(
     return metrics
 
 
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: str,
+    split: str = "test",
+    out_dir: str | pathlib.Path | None = None,
+    level: str | None = None,
+    global_batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Predict one split of fine-tuning data with a fine-tuned checkpoint and write its report.
+
+    The classifier, its class names and its tokenizer block come from the checkpoint. The data
+    must use the same classes and vocabulary. Returns the metrics written to `metrics.json`.
+    """
+    import jax
+    from flax import nnx
+
+    from etbert_jax import config as config_lib
+    from etbert_jax import finetune, finetune_data, sharding
+
+    mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1))
+    model, config, class_names, info = finetune.load_classifier(checkpoint, mesh)
+    level = level or config.finetune.level or "flow"
+    source = finetune_data.open_source(data, level)
+
+    if tuple(class_names) != tuple(source.labels):
+        raise ValueError(
+            f"class mismatch: the checkpoint {checkpoint} was trained on {list(class_names)}, but "
+            f"{source.description} has {list(source.labels)}; evaluate on data converted from the "
+            "same class folders"
+        )
+    finetune.check_compatible(config.tokenizer, source.tokenizer, config.model, source.seq_len,
+                              checkpoint, source.description)
+    if source.num_examples.get(split, 0) == 0:
+        raise ValueError(f"the {split} split of {source.description} has no {level}-level examples; "
+                         f"choose another --split or convert more captures")
+
+    # The batch is split over every device, so round it up to a multiple of the device count.
+    devices = mesh.devices.size
+    batch = global_batch_size or config.data.global_batch_size
+    batch = -(-batch // devices) * devices
+    local_batch = batch // jax.process_count()
+
+    graphdef, state = nnx.split(model)
+    state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
+    batch_sharding = sharding.batch_sharding(mesh)
+    predict_fn = finetune.make_predict_fn(graphdef, state_shardings, batch_sharding)
+    predicted = finetune.predict_split(predict_fn, state, source, split, local_batch, batch_sharding)
+
+    probabilities = predicted["probabilities"]
+    policy = source.split.get("policy") or UNKNOWN_SPLIT_POLICY
+    context = ReportContext(
+        split_policy=policy,
+        header_policy=str(source.tokenizer.get("header_policy", "not recorded")),
+        level=source.level,
+        split_name=split,
+        split_manifest=source.split,
+        checkpoint=info.get("checkpoint", str(checkpoint)),
+        step=info.get("step"),
+    )
+    out = pathlib.Path(out_dir) if out_dir else pathlib.Path(checkpoint) / f"eval-{split}"
+    return write_report(out, predicted["labels"], probabilities.argmax(axis=-1), probabilities,
+                        class_names, context, example_ids=predicted["ids"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="etbert evaluate",
@@ -380,10 +452,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split to evaluate (default: test)")
     parser.add_argument("--out", default=None,
                         help="report directory (default: CHECKPOINT/eval-SPLIT)")
+    parser.add_argument("--level", choices=("packet", "flow"), default=None,
+                        help="example level (default: the level the checkpoint was fine-tuned on)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="examples per prediction batch over all devices "
+                             "(default: the checkpoint's data.global_batch_size)")
     return parser
 
 
 def main(argv: list[str]) -> int:
+    """Run `etbert evaluate`; return 0 on success and 2 on invalid input."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit("etbert evaluate: prediction on shards is not wired up yet")
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out_dir=args.out,
+                                      level=args.level, global_batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"etbert evaluate: error: {error}", file=sys.stderr)
+        return 2
+    summary = {key: metrics[key] for key in ("split", "level", "split_policy", "header_policy",
+                                             "num_examples", "accuracy", "macro_f1", "weighted_f1")}
+    print(json.dumps(summary))
+    if metrics["leakage_warning"]:
+        print(f"warning: {metrics['leakage_warning']}", file=sys.stderr)
+    return 0
