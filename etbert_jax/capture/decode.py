@@ -13,6 +13,9 @@ Link types:
 - NFLOG (239), whose payload TLV holds the IP packet.
 Any other link type is skipped as `unsupported_linktype:<n>`.
 
+NOTE: tunnels are not decapsulated. VXLAN, Teredo and GTP-U packets count as their outer UDP flow, and
+GRE or IP-in-IP packets are skipped as `not_tcp_udp`.
+
 Skip reasons (see docs/capture-rules.md for the full rules):
 `truncated_link_header`, `non_ip`, `unsupported_linktype:<n>`, `truncated_ip_header`, `bad_ip_header`,
 `bad_ip_length`, `ip_fragment`, `not_tcp_udp`, `truncated_tcp_header`, `bad_tcp_header`,

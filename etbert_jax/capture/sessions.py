@@ -39,8 +39,9 @@ file. It orders the files by their first timestamp, so the listed order does not
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
+import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from etbert_jax.capture.decode import ACK, FIN, RST, SYN, TCP, UDP, Packet, iter_packets
@@ -48,6 +49,8 @@ from etbert_jax.capture.headers import apply_header_policy
 from etbert_jax.capture.options import SessionOptions, check_header_policy
 from etbert_jax.capture.reader import CaptureFormatError, iter_records
 from etbert_jax.capture.stats import SkipCounter
+
+logger = logging.getLogger(__name__)
 
 # (address bytes, port)
 Endpoint = tuple[bytes, int]
@@ -62,8 +65,9 @@ _PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
 def format_endpoint(endpoint: Endpoint) -> str:
     """Return "a.b.c.d:port" or "[v6 address]:port"."""
     address, port = endpoint
-    text = str(ipaddress.ip_address(address))
-    return f"{text}:{port}" if len(address) == 4 else f"[{text}]:{port}"
+    if len(address) == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, address)}:{port}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, address)}]:{port}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,6 +115,8 @@ class Session:
     first_packet_info: list[PacketInfo] = dataclasses.field(default_factory=list)
     # Why the session ended: "idle", "active", "closed", "new_syn" or "end_of_input".
     end_reason: str = ""
+    # Cache of `name`, filled on first use because most sessions are never printed.
+    _name: str = dataclasses.field(default="", init=False, repr=False, compare=False)
 
     @property
     def client_str(self) -> str:
@@ -127,7 +133,9 @@ class Session:
     @property
     def name(self) -> str:
         """The session as "proto client>server", e.g. "tcp 192.0.2.10:49152>198.51.100.20:80"."""
-        return f"{self.proto_name} {self.client_str}>{self.server_str}"
+        if not self._name:
+            self._name = f"{self.proto_name} {self.client_str}>{self.server_str}"
+        return self._name
 
     @property
     def total_packets(self) -> int:
@@ -231,6 +239,10 @@ class SessionTable:
         self.emit_packets = emit_packets
         self.keep_bytes_packet = keep_bytes_packet
         self.max_packets_per_session = max_packets_per_session
+        # Limits in integer nanoseconds, computed once because they are checked for every packet.
+        self._idle_ns = options.idle_timeout_ns
+        self._active_ns = options.active_timeout_ns
+        self._grace_ns = options.closing_grace_ns
         self._live: dict[SessionKey, _State] = {}
         self._next_index = 0
         self._packets_since_sweep = 0
@@ -331,13 +343,11 @@ class SessionTable:
     def _expiry_reason(self, state: _State, now_ns: int) -> str:
         session = state.session
         idle_ns = now_ns - session.last_ts_ns
-        if state.closing and idle_ns > self.options.closing_grace_ns:
+        if state.closing and idle_ns > self._grace_ns:
             return "closed"
-        idle_limit = self.options.idle_timeout_ns
-        if idle_limit is not None and idle_ns > idle_limit:
+        if self._idle_ns is not None and idle_ns > self._idle_ns:
             return "idle"
-        active_limit = self.options.active_timeout_ns
-        if active_limit is not None and now_ns - session.first_ts_ns > active_limit:
+        if self._active_ns is not None and now_ns - session.first_ts_ns > self._active_ns:
             return "active"
         return ""
 
@@ -454,6 +464,7 @@ def iter_sessions(
         except CaptureFormatError as err:
             if on_format_error is None:
                 raise
+            logger.warning("%s: not a readable capture, left out: %s", label, err.reason)
             on_format_error(label, err)
     yield from table.close_all()
 
