@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import random
 
 import pytest
 
@@ -19,11 +20,14 @@ from capture_frames import (
     pcapng_spb,
     udp_frame,
 )
+from etbert_jax.capture.decode import iter_packets
+from etbert_jax.capture.headers import apply_header_policy
 from etbert_jax.capture.reader import (
     MAX_RECORD_BYTES,
     CaptureFormatError,
     iter_records,
 )
+from etbert_jax.capture.sessions import SessionTable
 from etbert_jax.capture.stats import SkipCounter
 
 
@@ -273,3 +277,36 @@ def test_file_object_and_path_agree(hard_cases):
         from_handle = read_all(handle)
     assert from_path == from_handle
     assert len(from_path) == 13
+
+
+def test_corrupted_files_never_crash(hard_cases, shared_pcaps):
+    """Random byte damage and cuts give counted skips or CaptureFormatError, never another exception."""
+    originals = [
+        hard_cases / "01-pcapng-tcp-session" / "tcp_udp_session.pcapng",
+        shared_pcaps / "edge-pcapng-multi-interface" / "hadrielk-pcapng-le-multi-section.pcapng",
+        shared_pcaps / "edge-nflog" / "zeek-nflog-http.pcap",
+        shared_pcaps / "edge-ipv6-ext-headers" / "zeek-ipv6-mobility-dst-opts.pcap",
+        shared_pcaps / "edge-linux-sll2" / "zeek-linux-dlt-sll2.pcap",
+    ]
+    rng = random.Random(7)
+    format_errors = 0
+    for path in originals:
+        original = path.read_bytes()
+        for trial in range(40):
+            data = bytearray(original[: rng.randrange(len(original))] if trial % 3 == 0 else original)
+            for _ in range(rng.randrange(1, 20)):
+                if data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+            stats = SkipCounter(warn_limit=0)
+            table = SessionTable(emit_packets=True)
+            try:
+                for record, packet in iter_packets(io.BytesIO(bytes(data)), "damaged", stats):
+                    for policy in ("anonymize", "strip-link", "raw", "etbert"):
+                        assert len(apply_header_policy(policy, record.data, packet, (1, 2))) <= len(record.data)
+                    table.add(record.ts_ns, packet, record.data)
+            except CaptureFormatError:
+                format_errors += 1
+                continue
+            table.close_all()
+            assert stats.is_balanced(), (path.name, trial)
+    assert format_errors < 5 * 40

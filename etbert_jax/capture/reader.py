@@ -403,7 +403,12 @@ def _read_section_header(stream: _Stream, name: str, offset: int, first: bool) -
         logger.warning("%s: byte offset %d: invalid section header length %d; reading stops", name, offset, length)
         return None
     # Version, section length, options and the trailing length are not needed.
-    stream.skip(length - 12)
+    try:
+        stream.skip(length - 12)
+    except _Truncated as err:
+        if first:
+            raise CaptureFormatError(name, f"pcapng section header of {length} bytes is cut short") from err
+        raise
     return order
 
 
