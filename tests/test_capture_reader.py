@@ -297,6 +297,10 @@ def test_corrupted_files_never_crash(hard_cases, shared_pcaps):
             for _ in range(rng.randrange(1, 20)):
                 if data:
                     data[rng.randrange(len(data))] = rng.randrange(256)
+            if trial % 4 == 1:
+                # A cut gzip stream: damage inside the compressed data.
+                packed = gzip_bytes(bytes(data))
+                data = bytearray(packed[: rng.randrange(10, len(packed))])
             stats = SkipCounter(warn_limit=0)
             table = SessionTable(emit_packets=True)
             try:
@@ -309,4 +313,4 @@ def test_corrupted_files_never_crash(hard_cases, shared_pcaps):
                 continue
             table.close_all()
             assert stats.is_balanced(), (path.name, trial)
-    assert format_errors < 5 * 40
+    assert format_errors < len(originals) * 40

@@ -170,7 +170,10 @@ def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter) -> Iterator[Re
     magic = stream.read(4)
     if magic[:2] == _GZIP_MAGIC:
         stream = _open_gzip(handle, magic, name)
-        magic = stream.read(4)
+        try:
+            magic = stream.read(4)
+        except _Truncated as err:
+            raise CaptureFormatError(name, f"invalid gzip data ({err}); the file looks compressed but is damaged") from err
         if len(magic) < 4:
             raise CaptureFormatError(name, "gzip file does not contain a capture (fewer than 4 bytes inside)")
         if magic[:2] == _GZIP_MAGIC:
@@ -192,11 +195,8 @@ def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter) -> Iterator[Re
 
 
 def _open_gzip(handle: BinaryIO, magic: bytes, name: str) -> _Stream:
-    if handle.seekable():
-        handle.seek(0)
-        inner = gzip.GzipFile(fileobj=handle, mode="rb")
-    else:
-        inner = gzip.GzipFile(fileobj=_PrefixedReader(magic, handle), mode="rb")
+    # The magic bytes are already consumed, so they are replayed in front of the rest of the file.
+    inner = gzip.GzipFile(fileobj=io.BufferedReader(_PrefixedReader(magic, handle), buffer_size=_CHUNK), mode="rb")
     stream = _Stream(io.BufferedReader(inner, buffer_size=_CHUNK))
     try:
         stream.raw.peek(1)
@@ -206,7 +206,7 @@ def _open_gzip(handle: BinaryIO, magic: bytes, name: str) -> _Stream:
 
 
 class _PrefixedReader(io.RawIOBase):
-    """Replay already-consumed magic bytes in front of a non-seekable stream."""
+    """Replay already-consumed magic bytes in front of the rest of a stream."""
 
     def __init__(self, prefix: bytes, rest: BinaryIO) -> None:
         self._prefix = prefix
@@ -246,7 +246,16 @@ def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter) -> 
 
     while True:
         offset = stream.pos
-        head = stream.read(16)
+        try:
+            head = stream.read(16)
+        except _Truncated as err:
+            # Only a damaged or cut gzip stream fails here.
+            stats.count_read()
+            stats.count_skipped(
+                "truncated_record", name, f"record {index} at byte offset {offset}",
+                f"compressed data ends or is damaged ({err})",
+            )
+            return
         if not head:
             return
         stats.count_read()
