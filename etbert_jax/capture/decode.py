@@ -30,10 +30,12 @@ frame was captured whole, an IP total length beyond the frame is a lie and the p
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from collections.abc import Iterator
+from typing import BinaryIO
 
-from etbert_jax.capture.reader import Record, iter_records
+from etbert_jax.capture.reader import Record, iter_records, source_name
 from etbert_jax.capture.stats import SkipCounter
 
 TCP = 6
@@ -112,12 +114,17 @@ def decode_packet(linktype: int, data: bytes, wire_len: int | None = None) -> Pa
 
 
 def iter_packets(
-    source, name: str, stats: SkipCounter
+    source: str | os.PathLike | BinaryIO,
+    name: str | None = None,
+    stats: SkipCounter | None = None,
 ) -> Iterator[tuple[Record, Packet]]:
     """Yield (record, packet) for every decodable packet of a capture; count the others as skipped.
 
-    Each yielded packet is counted as used, so the caller must not count it again.
+    Each yielded packet is counted as used, so the caller must not count it again. `name` labels
+    warnings (default: the path).
     """
+    name = source_name(source, name)
+    stats = stats if stats is not None else SkipCounter()
     try:
         for record in iter_records(source, name, stats):
             packet = decode_packet(record.linktype, record.data, record.wire_len)
@@ -244,6 +251,7 @@ def _from_bsd_family(linktype: int, data: bytes) -> tuple[int, int, int] | str:
 
 def _from_nflog(data: bytes) -> tuple[int, int, int] | str:
     # 4-byte header (family, version, resource id), then TLVs in host byte order padded to 4 bytes.
+    # NOTE: the TLVs are read as little-endian, the byte order of x86 and usual ARM Linux hosts.
     if len(data) < 4:
         return "truncated_link_header"
     family = data[0]
@@ -252,7 +260,8 @@ def _from_nflog(data: bytes) -> tuple[int, int, int] | str:
         length, tlv_type = struct.unpack_from("<HH", data, offset)
         if length < 4:
             return "truncated_link_header"
-        if tlv_type == 9:  # NFULA_PAYLOAD
+        # The two top bits of the type are netlink flags (nested, network byte order).
+        if tlv_type & 0x3FFF == 9:  # NFULA_PAYLOAD
             start, stop = offset + 4, min(offset + length, len(data))
             if family == 2:
                 found = _require_version(data, start, 4)

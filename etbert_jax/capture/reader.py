@@ -156,13 +156,21 @@ def iter_records(
     `next()` when the input is not a capture.
     """
     stats = stats if stats is not None else SkipCounter()
+    label = source_name(source, name)
     if isinstance(source, (str, os.PathLike)):
-        label = name or os.fspath(source)
         with open(source, "rb") as handle:
             yield from _iter_stream(handle, label, stats)
     else:
-        label = name or getattr(source, "name", "<stream>")
         yield from _iter_stream(source, label, stats)
+
+
+def source_name(source: str | os.PathLike | BinaryIO, name: str | None = None) -> str:
+    """Return the label of a capture in warnings: `name`, else the path, else the stream's name."""
+    if name:
+        return name
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "name", "<stream>"))
 
 
 def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter) -> Iterator[Record]:
