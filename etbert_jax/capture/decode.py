@@ -10,7 +10,7 @@ Link types:
 - Linux cooked captures SLL (113) and SLL2 (276);
 - raw IP (12, 14 and 101 by version nibble, 228 IPv4, 229 IPv6);
 - BSD NULL (0, host byte order, detected) and LOOP (108, network byte order);
-- NFLOG (239), whose payload TLV holds the IP packet.
+- NFLOG (239), whose payload TLV contains the IP packet.
 Any other link type is skipped as `unsupported_linktype:<n>`.
 
 NOTE: tunnels are not decapsulated. VXLAN, Teredo and GTP-U packets count as their outer UDP flow, and

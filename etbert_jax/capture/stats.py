@@ -4,7 +4,7 @@
 `packets_read == packets_used + sum(packets_skipped.values())` is true once every record is handled:
 
 - the reader calls `count_read()` once for every record it meets, complete or damaged;
-- whoever consumes a record then calls exactly one of `count_used()` or `count_skipped(...)`.
+- the consumer of a record then calls exactly one of `count_used()` or `count_skipped(...)`.
 
 The reader also calls `count_skipped(...)` itself for damaged records that it never passes on.
 
