@@ -314,3 +314,34 @@ def test_corrupted_files_never_crash(hard_cases, shared_pcaps):
             table.close_all()
             assert stats.is_balanced(), (path.name, trial)
     assert format_errors < len(originals) * 40
+
+
+def test_reading_is_streamed(shared_pcaps):
+    """The reader pulls bytes as records are consumed instead of loading the file first."""
+    path = shared_pcaps / "app-alexa" / "ndpi-alexa-app.pcapng"
+    size = path.stat().st_size
+
+    class CountingReader(io.RawIOBase):
+        def __init__(self, inner):
+            self.inner = inner
+            self.consumed = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            data = self.inner.read(len(buffer))
+            buffer[: len(data)] = data
+            self.consumed += len(data)
+            return len(data)
+
+    with open(path, "rb") as handle:
+        counter = CountingReader(handle)
+        records = iter_records(io.BufferedReader(counter), "alexa")
+        for _ in range(10):
+            next(records)
+        assert counter.consumed < 64 * 1024
+        assert size > 1_000_000
+        remaining = sum(1 for _ in records)
+    assert remaining + 10 == 3103
+    assert counter.consumed == size

@@ -227,9 +227,11 @@ class SessionTable:
         `emit_packets`: emit a `PacketBytes` event per packet, cut to `keep_bytes_packet` (None keeps all)
         and at most `max_packets_per_session` per session (None for no cap).
         """
-        for label, value in (("keep_bytes_burst", keep_bytes_burst), ("keep_packets_flow", keep_packets_flow),
-                             ("keep_bytes_flow", keep_bytes_flow)):
-            if value < 0:
+        sizes = (("keep_bytes_burst", keep_bytes_burst), ("keep_packets_flow", keep_packets_flow),
+                 ("keep_bytes_flow", keep_bytes_flow), ("keep_bytes_packet", keep_bytes_packet),
+                 ("max_packets_per_session", max_packets_per_session))
+        for label, value in sizes:
+            if value is not None and value < 0:
                 raise ValueError(f"SessionTable {label} must be >= 0, got {value}")
         self.options = options
         self.header_policy = check_header_policy(header_policy)
