@@ -1,4 +1,4 @@
-"""Sessions against tshark's conversation tables on the bundled sample captures.
+"""Sessions and records against tshark: conversation tables, frame timestamps and lengths.
 
 With every timeout and the FIN/RST split off, a session is a conversation: protocol plus the unordered
 pair of endpoints. `tshark -z conv,tcp -z conv,udp` must then list the same conversations with the same
@@ -22,6 +22,7 @@ import subprocess
 import pytest
 
 from etbert_jax.capture.options import SessionOptions
+from etbert_jax.capture.reader import iter_records
 from etbert_jax.capture.sessions import collect_sessions, iter_sessions
 from etbert_jax.capture.stats import SkipCounter
 
@@ -97,3 +98,37 @@ def test_sessions_match_tshark_conversations(tshark_path, sample_captures, relat
     assert set(found) == set(expected)
     for key, counts in expected.items():
         assert found[key] == counts, key
+
+
+# Files whose frames tshark lists one to one: pcapng with two timestamp resolutions, nanosecond and
+# big-endian pcap, gzip and snaplen-cut frames.
+TIMESTAMP_FILES = [
+    "pcaps/edge-pcapng-multi-interface/zeek-pcapng-multi-interface.pcapng",
+    "pcaps/edge-pcap-nanosecond/tcpdump-tcp-handshake-nano-sll.pcap",
+    "pcaps/edge-gzip/zeek-tls-fragmented-handshake.pcap.gz",
+    "hard-cases/06-big-endian-captures/bigendian_nsec.pcap",
+    "hard-cases/06-big-endian-captures/bigendian_usec.pcap",
+    "hard-cases/09-snaplen-truncated-tcp/snaplen96.pcap",
+]
+
+
+def epoch_to_ns(text: str) -> int:
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, "0")[:9])
+
+
+@pytest.mark.parametrize("relative", TIMESTAMP_FILES)
+def test_records_match_tshark_frames(tshark_path, shared_pcaps, relative):
+    path = shared_pcaps.parent / relative
+    result = subprocess.run(
+        [tshark_path, "-n", "-r", str(path), "-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len",
+         "-e", "frame.cap_len"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    expected = []
+    for line in result.stdout.splitlines():
+        epoch, wire_len, cap_len = line.split("\t")
+        expected.append((epoch_to_ns(epoch), int(wire_len), int(cap_len)))
+    found = [(r.ts_ns, r.wire_len, len(r.data)) for r in iter_records(path)]
+    assert len(found) == len(expected)
+    assert found == expected
