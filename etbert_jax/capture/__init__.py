@@ -21,6 +21,7 @@ from etbert_jax.capture.sessions import (
     SessionEnd,
     SessionTable,
     collect_sessions,
+    format_endpoint,
     iter_sessions,
 )
 from etbert_jax.capture.stats import SkipCounter
@@ -46,6 +47,7 @@ __all__ = [
     "decode_packet",
     "etbert_burst_bytes",
     "etbert_finetune_bytes",
+    "format_endpoint",
     "iter_packets",
     "iter_records",
     "iter_sessions",
