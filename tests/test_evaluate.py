@@ -1,6 +1,8 @@
 """Tests for etbert_jax.evaluate: scores against scikit-learn, the written files and the report."""
 
+import dataclasses
 import json
+import shutil
 import struct
 import warnings
 
@@ -223,3 +225,136 @@ def test_many_classes_figure(tmp_path):
     assert height_inches < 0.45 * len(names), "figure size is not capped"
     assert (width, height) == (round(width_inches * evaluate.FIGURE_DPI),
                                round(height_inches * evaluate.FIGURE_DPI))
+
+
+# ---- etbert evaluate on a real checkpoint and real shards -------------------------------------
+
+EVAL_TOKENIZER = {"vocab_kind": "wordpiece", "vocab_size": 300, "vocab_sha256": "0" * 64,
+                  "header_policy": "anonymize"}
+EVAL_CLASSES = ["chat", "mail", "video"]
+
+
+def _write_finetune_shards(root, num_examples):
+    """Write flow-level fine-tuning shards and the manifest that `etbert convert-finetune` produces."""
+    from etbert_jax import records
+
+    rng = np.random.default_rng(11)
+    counts, shards, written = {}, {}, {}
+    for split, size in (("train", 4), ("valid", 4), ("test", num_examples)):
+        rows = []
+        for index in range(size):
+            length = int(rng.integers(4, 20))
+            ids = np.concatenate([[2], rng.integers(5, 300, size=length - 1)])
+            label = int(rng.integers(0, len(EVAL_CLASSES)))
+            rows.append((ids, label, f"{EVAL_CLASSES[label]}/capture-{index}.pcap"))
+        name = f"flow/{split}-00000-of-00001.tfrecord"
+        (root / "flow").mkdir(parents=True, exist_ok=True)
+        with open(root / name, "wb") as stream:
+            records.write_tfrecords(stream, (records.finetune_example(ids, label, source, "tcp a:1>b:2", -1)
+                                             for ids, label, source in rows))
+        counts[split] = size
+        shards[split] = [name]
+        written[split] = rows
+
+    manifest = {
+        "kind": "finetune",
+        "tokenizer": EVAL_TOKENIZER,
+        "seq_len": {"packet": 32, "flow": 32},
+        "counts": {"examples_per_split": {"flow": counts}},
+        "shards": {"flow": shards},
+        "split": {"policy": "session", "warning": "sessions of one capture can share hosts"},
+        "labels": {name: index for index, name in enumerate(EVAL_CLASSES)},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return written
+
+
+def _save_classifier(workdir):
+    """Save a randomly initialized classifier the way fine-tuning saves its best checkpoint."""
+    from flax import nnx
+
+    from etbert_jax import checkpoint, config as config_lib, heads, sharding
+
+    config = config_lib.load_config("tiny", ["model.vocab_size=300", "model.max_positions=32",
+                                             "finetune.level=flow", "data.global_batch_size=8"])
+    config = dataclasses.replace(config, tokenizer=dict(EVAL_TOKENIZER))
+    mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1))
+    model = sharding.create_sharded_model(
+        lambda: heads.Classifier(config.model, len(EVAL_CLASSES), rngs=nnx.Rngs(3)), mesh)
+    checkpointer = checkpoint.Checkpointer(workdir / "best", save_every=1, keep=1, async_save=False)
+    try:
+        checkpointer.save(7, model_state=nnx.state(model),
+                          optimizer_state={"optimizer_state_not_saved": np.zeros((), np.int32)},
+                          cursor={"step": 7},
+                          config=dict(config_lib.config_to_dict(config), labels=EVAL_CLASSES),
+                          force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate-run")
+    written = _write_finetune_shards(root / "shards", num_examples=13)
+    model = _save_classifier(root / "run")
+    return root, written, model
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_checkpoint(saved_run):
+    import jax.numpy as jnp
+
+    from etbert_jax import main as cli
+
+    root, written, model = saved_run
+    data_dir, workdir, out = root / "shards", root / "run", root / "report"
+
+    status = cli.main(["evaluate", "--checkpoint", str(workdir), "--data", str(data_dir),
+                       "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    assert status == 0
+    test_rows = written["test"]
+    assert saved["num_examples"] == len(test_rows)
+    assert saved["split_policy"] == "session"
+    assert saved["leakage_warning"] == evaluate.SPLIT_LEAKAGE["session"]
+    assert saved["header_policy"] == "anonymize"
+    assert saved["step"] == 7
+    supports = [saved["per_class"][name]["support"] for name in EVAL_CLASSES]
+    assert supports == np.bincount([label for _, label, _ in test_rows], minlength=3).tolist()
+
+    # The report's predictions must equal a direct forward pass of the saved classifier.
+    ids = np.zeros((len(test_rows), 32), np.int32)
+    for row, (tokens, _, _) in enumerate(test_rows):
+        ids[row, :len(tokens)] = tokens
+    logits = model(jnp.asarray(ids), jnp.asarray((ids != 0).astype(np.int32)), deterministic=True)
+    expected = np.asarray(logits).argmax(axis=1)
+    assert [row["predicted"] for row in rows] == [EVAL_CLASSES[i] for i in expected]
+    assert [row["true"] for row in rows] == [EVAL_CLASSES[label] for _, label, _ in test_rows]
+    assert rows[0]["id"].startswith(test_rows[0][2])
+
+
+def test_evaluate_rejects_other_classes(saved_run, tmp_path):
+    root, _, _ = saved_run
+    data_dir = tmp_path / "shards"
+    shutil.copytree(root / "shards", data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest["labels"] = {"chat": 0, "mail": 1, "voip": 2}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ValueError, match="class mismatch"):
+        evaluate.evaluate_checkpoint(str(root / "run"), str(data_dir))
+
+
+def test_evaluate_command_missing_split(saved_run, tmp_path, capsys):
+    from etbert_jax import main as cli
+
+    root, _, _ = saved_run
+    status = cli.main(["evaluate", "--checkpoint", str(root / "run"), "--data",
+                       str(tmp_path / "no-such-shards")])
+
+    assert status == 2
+    assert "no-such-shards" in capsys.readouterr().err
