@@ -111,7 +111,7 @@ def test_png_valid_with_expected_size(written_report):
     from matplotlib import image
     pixels = image.imread(path)
     assert pixels.shape[:2] == (height, width)
-    # A blank canvas would be a single colour; the plot must have drawn something.
+    # A blank canvas has one colour, so many distinct colours show that the plot was drawn.
     assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 10
 
 
@@ -127,7 +127,7 @@ def test_report_states_policies(written_report):
         assert f"| {name} |" in report
 
 
-@pytest.mark.parametrize("split_policy", ["session", "packet"])
+@pytest.mark.parametrize("split_policy", ["session", "packet", "unknown"])
 def test_leaky_split_warns(tmp_path, split_policy):
     y_true, y_pred, probabilities = _random_predictions(seed=4, size=50, num_classes=5)
     metrics = evaluate.write_report(tmp_path, y_true, y_pred, probabilities, CLASS_NAMES,
@@ -349,7 +349,7 @@ def test_evaluate_rejects_other_classes(saved_run, tmp_path):
         evaluate.evaluate_checkpoint(str(root / "run"), str(data_dir))
 
 
-def test_evaluate_command_missing_split(saved_run, tmp_path, capsys):
+def test_evaluate_command_missing_data(saved_run, tmp_path, capsys):
     from etbert_jax import main as cli
 
     root, _, _ = saved_run
