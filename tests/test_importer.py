@@ -44,14 +44,18 @@ def _save_state_dict(state: dict, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _restore(out_dir: pathlib.Path) -> tuple[config_lib.Config, PretrainModel]:
+def _restore(out_dir: pathlib.Path, scan_layers: bool = True) -> tuple[config_lib.Config, PretrainModel]:
     """Restore the imported checkpoint the way fine-tuning reads pre-trained weights."""
+    import dataclasses
+
     from flax import nnx
 
     checkpointer = checkpoint.Checkpointer(out_dir / checkpoint.CHECKPOINT_SUBDIR, save_every=1,
                                            keep=1, async_save=False)
     try:
         config = config_lib.config_from_dict(checkpointer.read_config())
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, scan_layers=scan_layers))
         model = PretrainModel(config.model, rngs=nnx.Rngs(123))
         step = checkpointer.latest_step()
         state = checkpointer.restore_model(step, model_target=checkpoint.abstract_state(nnx.state(model)))
@@ -88,9 +92,10 @@ def tiny_files(tmp_path, reference_model):
     return state, vocab, tmp_path
 
 
-def test_parity_with_uer_reference(imported, reference_model):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_parity_with_uer_reference(imported, reference_model, scan_layers):
     result, _ = imported
-    _, model = _restore(result.out_dir)
+    _, model = _restore(result.out_dir, scan_layers=scan_layers)
 
     rng = np.random.default_rng(0)
     ids = rng.integers(len(SPECIAL_TOKENS), TINY.vocab_size, size=(3, 24))
@@ -253,6 +258,7 @@ def test_existing_checkpoint_rejected(imported, tiny_files):
         importer.import_etbert(weights, vocab, result.out_dir, num_heads=4)
 
 
+@pytest.mark.slow
 def test_cli_with_etbert_vocab(tmp_path, etbert_vocab_path):
     size = sum(1 for _ in etbert_vocab_path.open())
     config = uer_reference.UerConfig(vocab_size=size, hidden_size=32, num_layers=1, num_heads=2,
