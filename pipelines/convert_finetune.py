@@ -100,12 +100,12 @@ def run(argv: list[str]) -> dict:
     settings = options.settings_from_args(args)
     vocab = Vocab.load(settings.vocab)
     output = args.output.rstrip("/")
-    pipeline_options = options.beam_options(beam_args)
 
     # ---- inputs, labels and the split policy --------------------------------------------------
     tree = inputs.list_labeled_tree(args.root)
     labels = {name: index for index, name in enumerate(sorted(tree))}
     units, path_of = capture_units(tree, settings.series)
+    pipeline_options = options.beam_options(beam_args, min(len(units), options.DEFAULT_DASK_PARTITIONS))
     units_per_class = {label: sum(1 for unit in units if unit.label == label) for label in labels}
     policy, warning = splits.choose_policy(args.split, units_per_class)
     if warning:

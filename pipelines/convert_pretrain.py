@@ -60,10 +60,10 @@ def run(argv: list[str]) -> dict:
     settings = options.settings_from_args(args)
     vocab = Vocab.load(settings.vocab)
     output = args.output.rstrip("/")
-    pipeline_options = options.beam_options(beam_args)
 
     found = inputs.expand_inputs(args.inputs)
     units = capture_units(found, settings.series)
+    pipeline_options = options.beam_options(beam_args, min(len(units), options.DEFAULT_DASK_PARTITIONS))
     log.info("converting %d capture files in %d units with %s; vocab %s (%d ids), header policy %s, "
              "%d shards -> %s", len(found), len(units), options.runner_name(beam_args) or "DirectRunner",
              vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
