@@ -11,8 +11,9 @@ probabilities and the context of the run it writes, into one directory,
 - `report.md`: a human-readable summary that opens with the split and header policies;
 - `predictions.jsonl` (optional): one row per example with its probabilities.
 
-Every score comes from scikit-learn's metric functions. `main` loads a fine-tuned
-checkpoint, predicts one split of fine-tuning shards and calls `write_report`.
+Every score comes from scikit-learn's metric functions. `evaluate_checkpoint` (the core of
+`etbert evaluate`) restores a fine-tuned classifier, predicts one split of fine-tuning data on
+one process and calls `write_report`.
 
 NOTE: frozen-encoder probing and cross-dataset evaluation are not implemented yet.
 """
@@ -59,13 +60,16 @@ UNKNOWN_SPLIT_POLICY = "unknown"
 # Short notes on what each header policy leaves visible to the model.
 HEADER_NOTES = {
     "etbert": (
-        "ET-BERT's positional cut of the first 38 bytes: TCP sequence/acknowledgment numbers, "
-        "window, options and all TLS bytes stay visible, and on non-Ethernet or IPv6 "
-        "captures the cut lands on other fields."
+        "the captured frame as ET-BERT reads it. Fine-tuning examples drop the first 38 bytes "
+        "(Ethernet, option-less IPv4, ports), so TCP sequence numbers, options and all TLS bytes "
+        "stay visible, and on non-Ethernet or IPv6 captures the cut lands on other fields."
     ),
-    "raw": "bytes kept as captured, including addresses and ports.",
-    "anonymize": "addresses, ports and other flow-constant header fields replaced before tokenizing.",
-    "strip-link": "link-layer header removed, IP and transport headers kept.",
+    "raw": "the frame from the link-layer header on, so MAC and IP addresses and ports stay visible.",
+    "strip-link": "the IP packet unchanged, so IP addresses and ports stay visible.",
+    "anonymize": (
+        "the IP packet with addresses, ports, IP identification, TTL, checksums and TCP "
+        "timestamps zeroed and sequence numbers made relative. Payload bytes are kept."
+    ),
 }
 
 # Resolution of the confusion-matrix PNG in dots per inch.
@@ -255,13 +259,18 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
+def _leakage_label(split_policy: str) -> str:
+    if split_policy == UNKNOWN_SPLIT_POLICY:
+        return "leakage not ruled out"
+    if SPLIT_LEAKAGE[split_policy] is None:
+        return "capture-level: every capture file is on one side of the split only"
+    return "LEAKY"
+
+
 def _render_report(metrics: dict[str, Any], context: ReportContext) -> str:
     warning = metrics["leakage_warning"]
     split_line = f"**Split policy: {context.split_policy}**"
-    if warning is None:
-        split_line += " (capture-level: every capture file is on one side of the split only)"
-    else:
-        split_line += " (LEAKY)"
+    split_line += f" ({_leakage_label(context.split_policy)})"
     header_note = HEADER_NOTES.get(context.header_policy, "no description for this policy.")
 
     lines = [
@@ -348,8 +357,9 @@ def write_report(
     })
     _write_json(out / "split_manifest.json", context.split_manifest)
 
+    leak_mark = "" if warning is None else f" ({_leakage_label(context.split_policy)})"
     title = (f"{context.split_name} ({context.level}), split policy: {context.split_policy}"
-             f"{' (LEAKY)' if warning else ''}, header policy: {context.header_policy}")
+             f"{leak_mark}, header policy: {context.header_policy}")
     plot_confusion_matrix(matrix, class_names, title, out / "confusion_matrix.png")
     (out / "report.md").write_text(_render_report(metrics, context))
 
