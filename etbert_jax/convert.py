@@ -20,7 +20,7 @@ Fine-tuning:
 - Packet level: one example per packet, `[CLS]` + its first `tokens_per_packet` tokens, cut to
   `packet_seq_len`; at most `max_packets_per_session` per session when set.
 - With header policy `etbert`, fine-tuning bytes are the captured frame minus its first 38 bytes,
-  as ET-BERT cuts them; the other policies use the policy's bytes unchanged.
+  as ET-BERT cuts them. The other policies use the policy's bytes unchanged.
 
 NOTE: ET-BERT also shortens 10 % of its pre-training pairs at random (`short_seq_prob`); pairs here
 are only cut by `seq_len`.
@@ -197,7 +197,7 @@ def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSet
     BURSTs are ordered by a hash of their key, so neighbours come from unrelated captures. With a RNG
     seeded by (seed, bucket), a fraction `negative_ratio` is chosen for negatives. A chosen BURST takes
     the B half of the next BURST in that order (wrapping around) from a different session. When the
-    bucket holds no other session it stays positive and counts as `negatives_unavailable`.
+    bucket contains no other session it stays positive and counts as `negatives_unavailable`.
     """
     ordered = sorted(bursts, key=lambda item: (stable_hash(item.key), item.key))
     rng = random.Random(f"{settings.seed}:pairs:{bucket}")
@@ -256,7 +256,7 @@ def pretrain_example_bytes(burst: BurstHalves, b_half: bytes, label: int, vocab:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneExample:
-    """One fine-tuning example before its label and split are attached."""
+    """A fine-tuning example without its label and split."""
 
     # "packet" or "flow".
     level: str

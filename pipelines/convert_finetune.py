@@ -4,7 +4,7 @@
     etbert convert-finetune data/sample-captures --output /tmp/finetune \
         --direct_num_workers=2 --direct_running_mode=multi_processing
 
-ROOT holds one folder per class (`ROOT/<class>/**/*.pcap`); class ids follow the sorted folder
+ROOT contains one folder per class (`ROOT/<class>/**/*.pcap`); class ids follow the sorted folder
 names and are written to `DIR/labels.json`. Output: `DIR/<level>/<split>-SSSSS-of-NNNNN.tfrecord` for
 level `packet` and `flow` and split `train`, `valid`, `test`, plus `DIR/manifest.json`, and with
 `--tsv` also ET-BERT's `DIR/tsv/<level>/<split>.tsv` (`label<TAB>text_a`).

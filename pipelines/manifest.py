@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Namespace of our Beam counters.
 COUNTER_NAMESPACE = "etbert"
-# Folder under the output directory that holds a job's temporary files.
+# Folder under the output directory for a job's temporary files.
 TEMP_FOLDER = ".etbert-tmp"
 SUMMARY_NAME = "summary.json"
 

@@ -1,8 +1,8 @@
 """Command-line flags of the conversion jobs and the Beam `PipelineOptions` built from the rest.
 
 Our own flags (inputs, output, tokenizer, header policy, shard counts, ...) are parsed with argparse
-`parse_known_args`; every flag we do not know goes unchanged to Beam's `PipelineOptions`, so any
-runner flag works: `--runner`, `--direct_num_workers`, `--direct_running_mode`, Dataflow's
+`parse_known_args`. Every other flag goes unchanged to Beam's `PipelineOptions`, so any runner flag
+works: `--runner`, `--direct_num_workers`, `--direct_running_mode`, Dataflow's
 `--project/--region/--temp_location`, `--flink_master`, `--dask_client_address`, ...
 
 Code reaches the workers as follows:
@@ -108,7 +108,7 @@ def beam_options(beam_args: list[str], dask_partitions: int = DEFAULT_DASK_PARTI
     args = list(beam_args)
     runner = runner_name(args)
 
-    # Beam only knows the Dask runner by its module path.
+    # Beam finds the Dask runner only by its module path.
     args = [DASK_RUNNER if arg == "DaskRunner" else arg.replace("=DaskRunner", "=" + DASK_RUNNER)
             for arg in args]
     if runner == "DaskRunner" and not any(a.startswith(("--dask_npartitions", "--dask_partition_size"))

@@ -12,9 +12,9 @@ Split policies, from safest to leakiest:
   does. Packets of one session land on both sides, so scores are inflated. Compatibility only.
 - `auto` (default): `capture` when every class has at least 3 capture units, else `session`.
 
-A capture series is a set of files in one folder whose names differ only in a trailing number
-(`capture_00001.pcap`, `capture_00002.pcap`; editcap's `out_00001_20240101120000.pcap`; tcpdump -C's
-`dump.pcap`, `dump.pcap1`). Its files are read in numeric order as one stream and never split apart.
+A capture series is a set of files in one folder whose names differ only in a trailing number.
+Examples: `capture_00001.pcap` and `capture_00002.pcap`, editcap's `out_00001_20240101120000.pcap`,
+tcpdump -C's `dump.pcap` and `dump.pcap1`. Its files are read in numeric order as one stream and never split apart.
 
 Deduplication: among examples with equal final token ids, only those in the earliest split
 (train < valid < test) are kept, so no valid or test example repeats one the model trained on.
