@@ -650,15 +650,15 @@ def test_local_launcher_runs_etbert_pretrain(small_pretrain_shards, tmp_path, ca
     monkeypatch.chdir(REPO_ROOT)
     workdir = tmp_path / "run"
     status = local_multiprocess.main([
-        "--num-processes", "2", "--devices-per-process", "4", "--timeout", "600",
+        "--num-processes", "2", "--devices-per-process", "2", "--timeout", "600",
         "--config", "tiny", "--data", str(small_pretrain_shards), "--workdir", str(workdir),
-        "train.steps=4", "train.log_every=2", "train.checkpoint_every=2"])
+        "train.steps=2", "train.log_every=1", "train.checkpoint_every=2"])
     output = capsys.readouterr().out
     process_1_log = (workdir / "logs" / "process-1.log").read_text()
 
     assert status == 0, output[-4000:] + process_1_log[-4000:]
     assert "[process 0] " in output
-    assert "process 1 of 2: 4 local devices, 8 global devices" in process_1_log
-    assert (workdir / "checkpoints" / "4").is_dir()
+    assert "process 1 of 2: 2 local devices, 4 global devices" in process_1_log
+    assert (workdir / "checkpoints" / "2").is_dir()
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 4
+    assert steps == [1, 2]
