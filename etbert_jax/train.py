@@ -115,6 +115,9 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
                                    sbp_weight=config.train.sbp_weight)
 
     def step_fn(state, batch, step_number):
+        # merge() may hand the state's own Variables to the model, and the update below mutates
+        # them, so the old arrays are taken out first.
+        old_leaves = jax.tree.leaves(state)
         model, optimizer = nnx.merge(graphdef, state)
         key = jax.random.fold_in(base_key, step_number)
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
@@ -145,7 +148,9 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
                 return new
             return jnp.where(finite, new, old)
 
-        new_state = jax.tree.map(keep_if_not_finite, new_state, state)
+        new_leaves, treedef = jax.tree.flatten(new_state)
+        new_state = jax.tree.unflatten(treedef, [keep_if_not_finite(new, old)
+                                                 for new, old in zip(new_leaves, old_leaves, strict=True)])
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate, finite=finite,
                        real_tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics

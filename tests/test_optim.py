@@ -1,0 +1,144 @@
+"""Tests of the optimizer: weight-decay mask, schedule values, non-finite step handling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from etbert_jax import heads, optim
+from etbert_jax.config import ModelConfig, OptimConfig
+
+TINY = ModelConfig(vocab_size=300, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                   max_positions=32, dropout=0.0, attention_dropout=0.0)
+
+
+def _flat_mask(params):
+    mask = optim.decay_mask(params)
+    return {".".join(str(getattr(k, "key", k)) for k in path): value
+            for path, value in jax.tree_util.tree_flatten_with_path(mask)[0]}
+
+
+def _param_name(path):
+    return [part for part in path.split(".") if part and part != "value"]
+
+
+def test_decay_mask_on_pretrain_model():
+    model = heads.PretrainModel(TINY, rngs=nnx.Rngs(0))
+    mask = _flat_mask(nnx.state(model, nnx.Param))
+    assert len(mask) > 20
+
+    for path, decayed in mask.items():
+        names = _param_name(path)
+        is_weight = names[-1].endswith("kernel") or names[-1] == "embedding"
+        assert decayed == is_weight, f"{path}: decayed={decayed}"
+    decayed_paths = [".".join(_param_name(p)) for p, value in mask.items() if value]
+    assert "encoder.embeddings.word.embedding" in decayed_paths
+    assert "mbm.decoder.kernel" in decayed_paths
+    excluded_paths = [".".join(_param_name(p)) for p, value in mask.items() if not value]
+    assert "encoder.layers.attention_norm.scale" in excluded_paths
+    assert "encoder.layers.mlp.wi.bias" in excluded_paths
+
+
+def test_weight_decay_changes_only_masked_params():
+    params = {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}, "norm": {"scale": jnp.ones(3)}}
+    config = OptimConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5, grad_clip_norm=0.0)
+    tx = optim.make_optimizer(config, total_steps=10)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, state, params)
+    assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0
+    assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0
+    assert float(jnp.abs(updates["norm"]["scale"]).max()) == 0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_values(schedule):
+    config = OptimConfig(learning_rate=1e-3, warmup_steps=10, schedule=schedule, end_lr_fraction=0.1)
+    lr = optim.make_schedule(config, total_steps=110)
+    assert float(lr(0)) == pytest.approx(0.0)
+    assert float(lr(5)) == pytest.approx(5e-4)
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(110)) == pytest.approx(1e-4)
+    middle = 1e-4 + (1e-3 - 1e-4) * 0.5
+    assert float(lr(60)) == pytest.approx(middle, rel=1e-4)
+    values = [float(lr(step)) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_warmup_fraction():
+    config = OptimConfig(learning_rate=1.0, warmup_fraction=0.25)
+    assert optim.warmup_steps(config, 200) == 50
+    assert float(optim.make_schedule(config, 200)(25)) == pytest.approx(0.5)
+
+
+def test_clipping_changes_adam_moments():
+    params = {"w": jnp.zeros(2)}
+    grads = [{"w": jnp.array([300.0, 400.0])}, {"w": jnp.array([0.3, -0.4])}]
+    second_updates = {}
+    for clip in (0.0, 1.0):
+        config = OptimConfig(learning_rate=1.0, warmup_steps=0, weight_decay=0.0, grad_clip_norm=clip)
+        tx = optim.make_optimizer(config, total_steps=10)
+        state = tx.init(params)
+        for grad in grads:
+            updates, state = tx.update(grad, state, params)
+        second_updates[clip] = np.asarray(updates["w"])
+    # Without clipping the huge first gradient dominates both moments; with clipping it does not.
+    assert not np.allclose(second_updates[0.0], second_updates[1.0], rtol=1e-2)
+    assert np.isfinite(second_updates[1.0]).all()
+
+
+def _tiny_batch(rng, batch=8, seq_len=16, predictions=4):
+    ids = rng.integers(5, TINY.vocab_size, (batch, seq_len)).astype(np.int32)
+    ids[:, 0], ids[:, 7], ids[:, -1] = 2, 1, 1
+    segments = np.where(np.arange(seq_len) <= 7, 1, 2).astype(np.int32)
+    return {
+        "input_ids": ids,
+        "segment_ids": np.broadcast_to(segments, ids.shape).copy(),
+        "masked_positions": np.tile(np.arange(1, predictions + 1, dtype=np.int32), (batch, 1)),
+        "mbm_targets": ids[:, 1:predictions + 1].copy(),
+        "mbm_weights": np.ones((batch, predictions), np.float32),
+        "sbp_labels": rng.integers(0, 2, batch).astype(np.int32),
+    }
+
+
+def _to_numpy(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return np.array(jax.random.key_data(leaf))
+    # A copy, because the step donates the state and may reuse its buffers.
+    return np.array(leaf)
+
+
+def test_nonfinite_step_is_skipped():
+    from etbert_jax import config as config_lib
+    from etbert_jax import sharding, train
+
+    config = config_lib.Config(model=TINY, mesh=config_lib.MeshConfig(data=-1),
+                               optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+    mesh = sharding.make_mesh(config.mesh)
+    tx = optim.make_optimizer(config.optim, 10)
+
+    def build():
+        model = heads.PretrainModel(TINY, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
+    step_fn = train.make_train_step(graphdef, shardings, sharding.batch_sharding(mesh), config,
+                                    optim.make_schedule(config.optim, 10))
+    before = jax.tree.map(_to_numpy, state)
+
+    bad = _tiny_batch(np.random.default_rng(0))
+    bad["mbm_weights"][0, 0] = np.nan
+    with jax.set_mesh(mesh):
+        state, metrics = step_fn(state, bad, jnp.asarray(0, jnp.int32))
+    assert not bool(metrics["finite"])
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(_to_numpy, state))):
+        np.testing.assert_array_equal(old, new)
+
+    with jax.set_mesh(mesh):
+        state, metrics = step_fn(state, _tiny_batch(np.random.default_rng(1)), jnp.asarray(1, jnp.int32))
+    assert bool(metrics["finite"])
+    after = nnx.merge(graphdef, state)[1]
+    assert int(after.step[...]) == 1
