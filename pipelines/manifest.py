@@ -12,9 +12,12 @@ Count dictionaries merge by adding numbers, merging nested dictionaries and conc
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import logging
+import os
 import posixpath
+import shutil
 from collections.abc import Mapping
 
 from apache_beam.io.filesystems import FileSystems
@@ -109,28 +112,28 @@ def compare_counters(totals: Mapping[str, int] | None, counts: Mapping) -> None:
 
 def remove_temp(output: str, job_temp: str | None = None) -> None:
     """Delete the job's temp folder and any `beam-temp-*` folders a Beam file sink left in `output`."""
-    leftovers = []
-    try:
-        for match in FileSystems.match([join_path(output, "beam-temp-*")])[0].metadata_list:
-            leftovers.append(match.path)
-    except Exception as err:  # a missing folder raises a filesystem-specific error
-        log.debug("no beam-temp folders matched in %s: %s", output, err)
-    if job_temp is not None:
-        leftovers.append(job_temp)
+    if "://" in output:
+        # Object stores have no folders: delete the objects under each beam-temp-* prefix.
+        try:
+            leftovers = [m.path for m in FileSystems.match([join_path(output, "beam-temp-*/**")])[0].metadata_list]
+        except Exception as err:  # a pattern that matches nothing raises a filesystem-specific error
+            log.debug("no beam-temp objects matched in %s: %s", output, err)
+            leftovers = []
+        if leftovers:
+            FileSystems.delete(leftovers)
+            log.info("removed %d beam-temp objects from %s", len(leftovers), output)
+    else:
+        for folder in sorted(glob.glob(os.path.join(output, "beam-temp-*"))):
+            shutil.rmtree(folder) if os.path.isdir(folder) else os.remove(folder)
+            log.info("removed temp folder %s", folder)
 
-    for path in leftovers:
-        if not FileSystems.exists(path):
-            continue
+    if job_temp is not None and FileSystems.exists(job_temp):
         # Beam's local filesystem deletes folders recursively; object stores delete by prefix.
-        FileSystems.delete([path])
-        log.info("removed temp folder %s", path)
+        FileSystems.delete([job_temp])
 
     temp_root = join_path(output, TEMP_FOLDER)
-    try:
-        if FileSystems.exists(temp_root) and not FileSystems.match([join_path(temp_root, "*")])[0].metadata_list:
-            FileSystems.delete([temp_root])
-    except Exception as err:  # leaving an empty folder behind is harmless
-        log.debug("could not remove %s: %s", temp_root, err)
+    if "://" not in output and os.path.isdir(temp_root) and not os.listdir(temp_root):
+        os.rmdir(temp_root)
 
 
 def remove_stale_shards(output: str, prefix: str, num_shards: int) -> None:
