@@ -44,7 +44,9 @@ DEFAULT_SHARDS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a Beam flag must never be taken as an abbreviation of one of ours.
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="etbert convert-finetune",
         description="Convert a labeled capture tree (ROOT/<class>/...) into fine-tuning TFRecord shards with "
                     "Apache Beam. Flags not listed here go to Beam (--runner, --direct_num_workers, ...).")

@@ -35,7 +35,9 @@ DEFAULT_SHARDS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a Beam flag must never be taken as an abbreviation of one of ours.
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="etbert convert-pretrain",
         description="Convert captures into pre-training TFRecord shards (MBM + SBP) with Apache Beam. "
                     "Flags not listed here go to Beam (--runner, --direct_num_workers, ...).")
