@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="fine-tuned checkpoint directory (written by `etbert finetune`)")
     parser.add_argument("--data", required=True,
-                        help="fine-tuning shards directory containing manifest.json")
+                        help="output of `etbert convert-finetune`, a `tfds build` data directory, "
+                             "or tfds:NAME")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"),
                         help="split to evaluate (default: test)")
     parser.add_argument("--out", default=None,
