@@ -113,8 +113,8 @@ def run(argv: list[str]) -> dict:
     if warning:
         log.warning("%s", warning)
     capture_assignment = splits.assign_capture_splits(units, settings.seed) if policy == "capture" else {}
-    elements = [(unit.key, [path_of[name] for name in unit.paths], list(unit.paths), labels[unit.label],
-                 capture_assignment.get(unit.key)) for unit in units]
+    elements = [(position, unit.key, [path_of[name] for name in unit.paths], list(unit.paths), labels[unit.label],
+                 capture_assignment.get(unit.key)) for position, unit in enumerate(units)]
     log.info("converting %d capture files of %d classes (%d units), split by %s; vocab %s (%d ids), header "
              "policy %s, %d shards per level and split -> %s", len(path_of), len(labels), len(units), policy,
              vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
@@ -132,7 +132,7 @@ def run(argv: list[str]) -> dict:
     pipeline = beam.Pipeline(options=pipeline_options)
     read = (pipeline
             | "CaptureUnits" >> beam.Create(elements)
-            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(settings, args.tsv)))
+            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(settings, args.tsv, len(units))))
     items = read | "Examples" >> beam.FlatMap(transforms.only("example"))
     assigned = items if policy == "capture" else assign_splits(items, policy, settings.seed)
 

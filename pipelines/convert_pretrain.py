@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def capture_units(found: list[tuple[str, str]], series: bool) -> list[tuple[str, list[str], list[str]]]:
-    """Return (unit name, paths, names) per capture unit; a series is one unit, read in numeric order."""
+    """Return (unit name, paths, names) per capture unit; a series is one unit with its files in numeric order."""
     path_of = {name: path for path, name in found}
     units = []
     for group in splits.group_capture_series(path_of, enabled=series):
@@ -78,8 +78,8 @@ def run(argv: list[str]) -> dict:
     started = time.time()
     pipeline = beam.Pipeline(options=pipeline_options)
     read = (pipeline
-            | "CaptureUnits" >> beam.Create(units)
-            | "ReadBursts" >> beam.ParDo(transforms.ReadBurstsFn(settings)))
+            | "CaptureUnits" >> beam.Create([(position,) + unit for position, unit in enumerate(units)])
+            | "ReadBursts" >> beam.ParDo(transforms.ReadBurstsFn(settings, len(units))))
     paired = (read
               | "Bursts" >> beam.FlatMap(transforms.only("burst"))
               | "GroupBuckets" >> beam.GroupByKey()

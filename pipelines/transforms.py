@@ -79,11 +79,13 @@ def local_paths(paths: Sequence[str]) -> Iterator[list[str]]:
 class _ReadUnitFn(beam.DoFn):
     """Shared reading logic: dead letters, accounting after unexpected errors, counters."""
 
-    def __init__(self, settings: convert.ConvertSettings) -> None:
+    def __init__(self, settings: convert.ConvertSettings, total_units: int = 0) -> None:
         self.settings = settings
+        # Units in the whole job, for progress lines such as "[12/58]".
+        self.total_units = total_units
 
     def _summary(self, unit: str, paths: Sequence[str], stats: SkipCounter, counts: Counter,
-                 dead: list[dict], failed: BaseException | None) -> dict:
+                 dead: list[dict], failed: BaseException | None, position: int = -1) -> dict:
         if failed is not None:
             # Packets read before the error were neither used nor skipped: count them, keep the equation.
             gap = stats.packets_read - stats.packets_used - stats.total_skipped
@@ -95,8 +97,8 @@ class _ReadUnitFn(beam.DoFn):
         summary["files"] = len(paths)
         summary["dead_letter"] = dead
         _count(summary)
-        log.info("read %s: %d packets, %d used, %d sessions", unit, stats.packets_read, stats.packets_used,
-                 counts.get("sessions", 0))
+        log.info("[%d/%d] read %s: %d packets, %d used, %d sessions", position + 1, self.total_units, unit,
+                 stats.packets_read, stats.packets_used, counts.get("sessions", 0))
         return summary
 
 
@@ -121,10 +123,10 @@ def _dead_letter_handler(dead: list[dict]):
 # ---- pre-training -----------------------------------------------------------------------------
 
 class ReadBurstsFn(_ReadUnitFn):
-    """(unit, paths, names) -> ("burst", (bucket, BurstHalves))..., ("stats", counts)."""
+    """(position, unit, paths, names) -> ("burst", (bucket, BurstHalves))..., ("stats", counts)."""
 
     def process(self, unit_element):
-        unit, paths, names = unit_element
+        position, unit, paths, names = unit_element
         stats, counts, dead = SkipCounter(), Counter(), []
         failed = None
         try:
@@ -137,7 +139,7 @@ class ReadBurstsFn(_ReadUnitFn):
         except Exception as err:  # a damaged capture must not stop the job: it becomes a dead letter
             log.exception("reading %s failed; its remaining packets are counted as aborted_by_error", unit)
             failed = err
-        yield "stats", self._summary(unit, paths, stats, counts, dead, failed)
+        yield "stats", self._summary(unit, paths, stats, counts, dead, failed, position)
 
 
 class PairBucketFn(beam.DoFn):
@@ -163,10 +165,10 @@ class PairBucketFn(beam.DoFn):
 # ---- fine-tuning ------------------------------------------------------------------------------
 
 class ReadFinetuneFn(_ReadUnitFn):
-    """(unit, paths, names, label, split or None) -> ("example", (label, split, FinetuneExample))..., stats."""
+    """(position, unit, paths, names, label, split or None) -> ("example", (label, split, example))..., stats."""
 
-    def __init__(self, settings: convert.ConvertSettings, with_text: bool) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: convert.ConvertSettings, with_text: bool, total_units: int = 0) -> None:
+        super().__init__(settings, total_units)
         self.with_text = with_text
         self.vocab = None
 
@@ -174,7 +176,7 @@ class ReadFinetuneFn(_ReadUnitFn):
         self.vocab = Vocab.load(self.settings.vocab)
 
     def process(self, unit_element):
-        unit, paths, names, label, split = unit_element
+        position, unit, paths, names, label, split = unit_element
         stats, counts, dead = SkipCounter(), Counter(), []
         failed = None
         try:
@@ -187,7 +189,7 @@ class ReadFinetuneFn(_ReadUnitFn):
         except Exception as err:  # a damaged capture must not stop the job: it becomes a dead letter
             log.exception("reading %s failed; its remaining packets are counted as aborted_by_error", unit)
             failed = err
-        yield "stats", self._summary(unit, paths, stats, counts, dead, failed)
+        yield "stats", self._summary(unit, paths, stats, counts, dead, failed, position)
 
 
 def split_unit(policy: str, label: int, example: convert.FinetuneExample) -> tuple[str, str]:
