@@ -118,6 +118,8 @@ def beam_options(beam_args: list[str], dask_partitions: int = DEFAULT_DASK_PARTI
         # hundreds of tiny partitions (3-4x slower on the test captures).
         args.append(f"--dask_npartitions={max(1, dask_partitions)}")
 
+    # NOTE: the --setup_file path is exercised only by building the sdist locally; no Dataflow, Flink
+    # or Spark job has been run with it.
     if runner not in _LOCAL_RUNNERS:
         shipped = ("--setup_file", "--requirements_file", "--sdk_container_image")
         if not any(a.startswith(shipped) for a in args):

@@ -37,7 +37,7 @@ def copy_capture(source: pathlib.Path, target: pathlib.Path) -> None:
 
 @pytest.fixture(scope="module")
 def capture_tree(tmp_path_factory, sample_captures):
-    """A labeled tree of 3 small classes, a capture series and 4 files that are not captures."""
+    """A labeled tree of 3 small classes, a gzip capture, a capture series and 4 files that are not captures."""
     root = tmp_path_factory.mktemp("tree")
     for label, names in CLASSES.items():
         for name in names:
@@ -46,6 +46,11 @@ def capture_tree(tmp_path_factory, sample_captures):
     copy_capture(sample_captures / "tls13" / "zeek-tls13-wolfssl.pcap", root / "tls13" / "series_00001.pcap")
     copy_capture(sample_captures / "tls13" / "zeek-tls13-chrome-x25519-kyber.pcap",
                  root / "tls13" / "series_00002.pcap")
+
+    # A gzip-compressed capture is read transparently.
+    plain = root / "quic" / "tcpdump-quic-retry.pcap"
+    (root / "quic" / "tcpdump-quic-retry.pcap.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
 
     (root / "ssh" / "empty.pcap").write_bytes(b"")
     (root / "ssh" / "page.pcap").write_text("<!DOCTYPE html><html><body>Not Found</body></html>\n")
@@ -226,6 +231,8 @@ def test_finetune_splits_disjoint(finetune_run):
     assert not set(files["train"]) & set(files["valid"])
     assert not set(files["train"]) & set(files["test"])
     assert not set(files["valid"]) & set(files["test"])
+    all_files = set(files["train"]) | set(files["valid"]) | set(files["test"])
+    assert "quic/tcpdump-quic-retry.pcap.gz" in all_files
     series_sides = [split for split, names in files.items() if "tls13/series_00001.pcap" in names]
     assert len(series_sides) == 1
     assert "tls13/series_00002.pcap" in files[series_sides[0]]
@@ -235,6 +242,8 @@ def test_finetune_splits_disjoint(finetune_run):
         for split in ("train", "valid", "test"):
             examples = finetune_examples(output, level, split)
             sources[split] = {e["source"].decode() for e in examples}
+            if "quic/tcpdump-quic-retry.pcap.gz" in files[split]:
+                assert "quic/tcpdump-quic-retry.pcap.gz" in sources[split]
             sessions[split] = {(e["source"].decode(), e["session"].decode()) for e in examples}
             assert sources[split] <= set(files[split])
         for first, second in (("train", "valid"), ("train", "test"), ("valid", "test")):
