@@ -279,3 +279,19 @@ def test_cli_with_etbert_vocab(tmp_path, etbert_vocab_path):
     table = np.asarray(model.encoder.embeddings.word.embedding[...])
     expected = reference.state_dict()["embedding.word_embedding.weight"].numpy()
     assert np.array_equal(table[:size], expected)
+
+
+def test_non_mapping_file_rejected(tmp_path):
+    weights = _save_state_dict(torch.zeros(3), tmp_path / "tensor.bin")
+
+    with pytest.raises(importer.WeightImportError, match="expected a state dict"):
+        importer.load_state_dict(weights)
+
+
+def test_wrapped_names_hint(tiny_files):
+    state, vocab, folder = tiny_files
+    wrapped = {f"module.{name}": value for name, value in state.items()}
+    weights = _save_state_dict(wrapped, folder / "wrapped.bin")
+
+    with pytest.raises(importer.WeightImportError, match=r"module\.state_dict\(\)"):
+        importer.import_etbert(weights, vocab, folder / "out", num_heads=4)
