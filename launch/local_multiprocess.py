@@ -12,7 +12,7 @@ is given.
 Process 0's output is streamed with a `[process 0]` prefix. The other processes write to
 `<log dir>/process-<i>.log`, whose last lines are printed when that process fails. When one
 process fails, the others are stopped (SIGTERM, then SIGKILL after `--grace`) and the launcher
-exits with the failed process's status.
+exits with the failed process's status. A SIGTERM to the launcher is passed on to every process.
 """
 
 import argparse
@@ -169,12 +169,22 @@ def _print_log_tail(path: pathlib.Path, out: TextIO) -> None:
     out.flush()
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the launcher."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def run_processes(specs: Sequence[ProcessSpec], log_dir: pathlib.Path, *, grace_s: float = 10.0,
                   timeout_s: float | None = None, out: TextIO | None = None, poll_s: float = 0.2) -> int:
     """Start all processes, stream process 0, stop the rest when one fails; return the run's exit status.
 
     The status is 0 when every process exits with 0, the status of the first process that failed
-    otherwise, and 124 when `timeout_s` expired first.
+    otherwise, and 124 when `timeout_s` expired first. A SIGTERM to the launcher (from the main
+    thread) is passed on to the processes, so that the trainer saves a checkpoint, and the launcher
+    returns 143.
     """
     out = out if out is not None else sys.stdout
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +192,10 @@ def run_processes(specs: Sequence[ProcessSpec], log_dir: pathlib.Path, *, grace_
     log_files: list[IO[str]] = []
     pump: threading.Thread | None = None
     failed: tuple[int, int] | None = None
-    timed_out = False
+    timed_out = terminated = False
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
 
     try:
         # Each process gets its own session (and process group), so that stopping one also stops
@@ -219,13 +232,20 @@ def run_processes(specs: Sequence[ProcessSpec], log_dir: pathlib.Path, *, grace_
                 log.error("the run did not finish within %.0f s (--timeout); stopping all processes", timeout_s)
                 break
             time.sleep(poll_s)
+    except _Terminated:
+        terminated = True
+        log.warning("SIGTERM received: stopping all processes")
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         _stop(processes, grace_s)
         if pump is not None:
             pump.join(timeout=grace_s)
         for log_file in log_files:
             log_file.close()
 
+    if terminated:
+        return 128 + signal.SIGTERM
     if timed_out:
         return EXIT_TIMEOUT
     if failed is not None:

@@ -662,3 +662,41 @@ def test_local_launcher_runs_etbert_pretrain(small_pretrain_shards, tmp_path, ca
     assert (workdir / "checkpoints" / "2").is_dir()
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+# Every process records its pid and then sleeps; SIGTERM ends it.
+SLEEPING_STAND_IN = """
+import os, pathlib, sys, time
+process_id = int(sys.argv[sys.argv.index("--process-id") + 1])
+workdir = sys.argv[sys.argv.index("--workdir") + 1]
+pathlib.Path(workdir, f"pid-{process_id}").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def test_local_sigterm_stops_processes(tmp_path):
+    script = tmp_path / "stand_in.py"
+    script.write_text(SLEEPING_STAND_IN)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    command = [sys.executable, "-m", "launch.local_multiprocess", "--num-processes", "2",
+               "--etbert", shlex.join([sys.executable, str(script)]), "--grace", "5",
+               "--config", "tiny", "--data", str(tmp_path), "--workdir", str(workdir)]
+    launcher = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid_files = [workdir / f"pid-{i}" for i in range(2)]
+        deadline = time.monotonic() + 60
+        while not all(path.exists() and path.read_text() for path in pid_files):
+            assert time.monotonic() < deadline, "the processes did not start within 60 s"
+            assert launcher.poll() is None, launcher.stdout.read()
+            time.sleep(0.1)
+        launcher.terminate()
+        output, _ = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+    assert launcher.returncode == 128 + 15, output
+    assert "SIGTERM received" in output
+    for path in pid_files:
+        assert not process_alive(int(path.read_text()))
