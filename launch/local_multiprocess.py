@@ -71,7 +71,7 @@ class LocalOptions:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
-    """One process to start: its arguments and the environment variables set on top of ours."""
+    """One process to start: its arguments and the variables added to the launcher's environment."""
 
     argv: list[str]
     env: dict[str, str]
@@ -144,7 +144,7 @@ def _stop(processes: Sequence[subprocess.Popen], grace_s: float) -> None:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("process %d ignored SIGTERM for %.0f s; sending SIGKILL", process.pid, grace_s)
+            log.warning("pid %d ignored SIGTERM for %.0f s; sending SIGKILL", process.pid, grace_s)
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -170,7 +170,7 @@ def _print_log_tail(path: pathlib.Path, out: TextIO) -> None:
 
 
 class _Terminated(Exception):
-    """SIGTERM reached the launcher."""
+    """Raised in the launcher when it receives SIGTERM."""
 
 
 def _raise_terminated(signum, frame) -> None:
