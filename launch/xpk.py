@@ -8,7 +8,8 @@
 
 xpk runs the same command in a container on every host of every slice, sets the TPU and
 multi-slice environment variables, and restarts the whole JobSet after a system failure such as a
-preemption, up to `--max-restarts` times. The trainer resumes from the latest checkpoint in
+preemption, up to `--max-restarts` times. With `--restart-on-user-code-failure` it also restarts
+when the trainer exits with a non-zero status. The trainer resumes from the latest checkpoint in
 `--workdir` by default, so a restarted JobSet continues the run without a `--resume` flag.
 
 Images: `--docker-image` is used as it is and must contain the installed project (the command is
@@ -68,6 +69,8 @@ class XpkOptions:
     priority: str = "medium"
     # Run on Spot capacity.
     spot: bool = False
+    # Also restart the JobSet when the trainer exits non-zero (xpk restarts only on system failures by default).
+    restart_on_user_code_failure: bool = False
     # Extra environment variables for the containers.
     env: tuple[tuple[str, str], ...] = ()
 
@@ -100,6 +103,8 @@ def xpk_argv(options: XpkOptions) -> list[str]:
     argv += [f"--max-restarts={options.max_restarts}", f"--priority={options.priority}"]
     if options.spot:
         argv.append("--spot")
+    if options.restart_on_user_code_failure:
+        argv.append("--restart-on-user-code-failure")
     for name, value in options.env:
         argv.append(f"--env={name}={value}")
     argv += ["--command", training_command(options)]
@@ -129,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     gke.add_argument("--priority", default="medium", choices=["very-low", "low", "medium", "high", "very-high"],
                      help="Kueue priority (default: medium)")
     gke.add_argument("--spot", action="store_true", help="run on Spot capacity")
+    gke.add_argument("--restart-on-user-code-failure", action="store_true",
+                     help="also restart when the trainer exits non-zero (xpk restarts only after "
+                          "system failures such as preemption by default)")
     gke.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                      help="environment variable for the containers (repeatable)")
     gke.add_argument("--allow-local-paths", action="store_true",
@@ -155,7 +163,9 @@ def options_from_args(args: argparse.Namespace) -> XpkOptions:
                       training=common.training_args_from(args), docker_image=args.docker_image,
                       base_docker_image=args.base_docker_image, script_dir=args.script_dir,
                       project=args.project, zone=args.zone, max_restarts=args.max_restarts,
-                      priority=args.priority, spot=args.spot, env=tuple(env.items()))
+                      priority=args.priority, spot=args.spot,
+                      restart_on_user_code_failure=args.restart_on_user_code_failure,
+                      env=tuple(env.items()))
 
 
 def main(argv: list[str] | None = None, runner: common.CommandRunner | None = None) -> int:

@@ -329,6 +329,7 @@ def test_xpk_dry_run_command(capsys, no_external_commands):
     argv = ["--cluster", "tpu-cluster", "--workload", "etbert-base", "--tpu-type", "v5p-128",
             "--num-slices", "2", "--project", "my-project", "--zone", "us-east5-a",
             "--docker-image", "us-docker.pkg.dev/p/etbert:1", "--max-restarts", "5", "--spot",
+            "--restart-on-user-code-failure",
             "--env", "XLA_FLAGS=--xla_dump_to=/tmp", *TRAINING_FLAGS, *OVERRIDES, "--dry-run"]
     assert xpk.main(argv) == 0
     commands = command_lines(capsys.readouterr().out)
@@ -345,6 +346,7 @@ def test_xpk_dry_run_command(capsys, no_external_commands):
     assert flag_value(command, "--max-restarts") == "5"
     assert flag_value(command, "--env") == "XLA_FLAGS=--xla_dump_to=/tmp"
     assert "--spot" in command
+    assert "--restart-on-user-code-failure" in command
     assert not any(token.startswith("--base-docker-image") for token in command)
     assert shlex.split(flag_value(command, "--command")) == [
         "etbert", "pretrain", *TRAINING_FLAGS, "--auto-distributed", *OVERRIDES]
@@ -358,6 +360,7 @@ def test_xpk_base_image_installs_project(capsys, no_external_commands):
     assert flag_value(command, "--device-type") == "h100-80gb-8"
     assert flag_value(command, "--base-docker-image") == "python:3.11"
     assert flag_value(command, "--script-dir") == "/src/etbert-jax"
+    assert "--restart-on-user-code-failure" not in command
     shell = flag_value(command, "--command")
     setup, _, training = shell.rpartition(" && ")
     assert "pip install --quiet --no-deps -e ." in setup
