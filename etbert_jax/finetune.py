@@ -28,7 +28,8 @@ One run, in order:
 With `finetune.freeze_encoder=true` (a linear probe) only the output layer is differentiated and
 updated; encoder and pooler parameters stay bit-for-bit equal to the restored ones.
 
-`load_classifier(checkpoint)` and `predict_batches(...)` serve evaluation and prediction.
+`load_classifier(checkpoint)` and `predict_batches(...)` (from classifier.py, re-exported here)
+serve evaluation and prediction.
 
 NOTE: unlike `etbert pretrain`, fine-tuning does not catch SIGTERM; a preempted run resumes from
 its last validation checkpoint.
@@ -42,8 +43,6 @@ import json
 import logging
 import pathlib
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +51,15 @@ import numpy as np
 from etbert_jax import config as config_lib
 from etbert_jax import distributed
 from etbert_jax import finetune_data
+# load_classifier and predict_batches are re-exported for `etbert evaluate` and notebooks.
+from etbert_jax.classifier import (BEST_SUBDIR, build_classifier, classifier_config_item,  # noqa: F401
+                                   load_classifier, load_pretrained_encoder, make_predict_fn, predict_batches,
+                                   predict_split, read_stored_config, save_classifier, trainable_filter)
 
 log = logging.getLogger(__name__)
 
-# Subdirectory of the workdir holding the best checkpoint by validation macro-F1.
-BEST_SUBDIR = "best"
 # Subdirectory of the workdir receiving the test report.
 EVAL_SUBDIR = "eval"
-# Keys that a fine-tuned checkpoint's config item carries besides the Config sections.
-EXTRA_CONFIG_KEYS = ("labels", "finetune_data")
 # Model fields that must equal the checkpoint's, because they fix parameter shapes.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions",
                 "type_vocab_size", "tie_mlm_decoder")
@@ -104,21 +103,6 @@ def check_compatible(init_tokenizer: dict, data_tokenizer: dict, model: config_l
                          "--flow-seq-len/--packet-seq-len or use a model with more positions")
 
 
-def _stored_config(init: str, step: int | None) -> tuple[config_lib.Config, int]:
-    from etbert_jax import checkpoint
-
-    directory, step_from_path = checkpoint.resolve_checkpoint_path(init)
-    checkpointer = checkpoint.Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False)
-    try:
-        chosen = checkpointer._require_step(step if step is not None else step_from_path)
-        values = checkpointer.read_config(chosen)
-    finally:
-        checkpointer.close()
-    for key in EXTRA_CONFIG_KEYS:
-        values.pop(key, None)
-    return config_lib.config_from_dict(values), chosen
-
-
 def resolve_config(config_source: str, overrides: list[str], init: str | None, source: finetune_data.FinetuneSource,
                    workdir: str, init_step: int | None = None) -> config_lib.Config:
     """Combine --config, overrides, the checkpoint's model and tokenizer, and the data's facts; check them."""
@@ -126,7 +110,7 @@ def resolve_config(config_source: str, overrides: list[str], init: str | None, s
     tokenizer = dict(source.tokenizer)
     model = requested.model
     if init:
-        stored, _ = _stored_config(init, init_step)
+        stored, _ = read_stored_config(init, init_step)
         # Shape fields come from the checkpoint; other model fields (dropout, dtype) may be overridden.
         overridden = {item.split("=", 1)[0].split(".", 1)[1] for item in overrides if item.startswith("model.")}
         bad = sorted(overridden & set(SHAPE_FIELDS))
@@ -169,54 +153,7 @@ def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-# ---- model, steps and prediction -----------------------------------------------------------
-
-def trainable_filter(freeze_encoder: bool):
-    """Return the nnx filter of the parameters that fine-tuning updates."""
-    from flax import nnx
-
-    if freeze_encoder:
-        return nnx.All(nnx.Param, nnx.PathContains("output"))
-    return nnx.Param
-
-
-def build_classifier(config: config_lib.Config, num_labels: int, mesh, freeze_encoder: bool = False):
-    """Create (Classifier, Optimizer), sharded on `mesh`; the optimizer covers the trainable parameters only."""
-    from flax import nnx
-
-    from etbert_jax import heads, optim, sharding
-
-    tx = optim.make_optimizer(config.optim, config.train.steps)
-
-    def build():
-        model = heads.Classifier(config.model, num_labels, rngs=nnx.Rngs(config.train.seed))
-        return model, nnx.Optimizer(model, tx, wrt=trainable_filter(freeze_encoder))
-
-    return sharding.create_sharded_model(build, mesh)
-
-
-def load_pretrained_encoder(model, init: str, mesh, step: int | None = None) -> None:
-    """Copy the encoder and pooler of the pre-training checkpoint `init` into `model` (in place)."""
-    from flax import nnx
-
-    from etbert_jax import checkpoint, heads, sharding
-
-    # The restore target is abstract (shapes and shardings only), so the pre-training heads, the
-    # vocabulary-sized MBM decoder included, are read but never allocated beside the classifier.
-    # NOTE: checkpoint.restore_pretrained does the same job but builds `model.PretrainModel`, which
-    # lives in heads.py, so it fails with AttributeError; this path avoids it.
-    stored, chosen = _stored_config(init, step)
-    directory, _ = checkpoint.resolve_checkpoint_path(init)
-    _, target = sharding.abstract_model(
-        lambda: heads.PretrainModel(stored.model, rngs=nnx.Rngs(stored.train.seed)), mesh)
-    checkpointer = checkpoint.Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False)
-    try:
-        pretrained = checkpointer.restore_model(chosen, model_target=target)
-    finally:
-        checkpointer.close()
-    nnx.update(model.encoder, pretrained["encoder"])
-    nnx.update(model.pooler, pretrained["pooler"])
-
+# ---- train step ----------------------------------------------------------------------------
 
 def make_train_step(graphdef, state_shardings, batch_sharding, config: config_lib.Config,
                     class_weights: np.ndarray | None):
@@ -261,123 +198,12 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def make_predict_fn(graphdef, state_shardings, batch_sharding):
-    """Return the jitted `predict(model_state, batch) -> probabilities [B, classes]` (float32)."""
-    from flax import nnx
-
-    def predict(state, batch):
-        model = nnx.merge(graphdef, state)
-        logits = model(batch["input_ids"], batch["segment_ids"], deterministic=True)
-        return jax.nn.softmax(logits, axis=-1)
-
-    return jax.jit(predict, in_shardings=(state_shardings, batch_sharding), out_shardings=None)
-
-
-def predict_batches(predict_fn, model_state, batches: Iterable[tuple[dict, dict]], batch_sharding,
-                    ) -> Iterator[tuple[np.ndarray, dict]]:
-    """Run `predict_fn` over (model batch, metadata) pairs; yield (probabilities of the real rows, metadata).
-
-    Every process must pass the same number of batches (the global batch is assembled from each
-    process's rows); padded rows, weight 0, are dropped from the output.
-    """
-    from jax.experimental import multihost_utils
-
-    from etbert_jax import data
-
-    for model_batch, metadata in batches:
-        arrays = data.make_global_batch(model_batch, batch_sharding)
-        probabilities = predict_fn(model_state, arrays)
-        if jax.process_count() > 1:
-            probabilities = multihost_utils.process_allgather(probabilities, tiled=True)
-            weights = multihost_utils.process_allgather(arrays["weights"], tiled=True)
-        else:
-            weights = arrays["weights"]
-        probabilities, weights = np.asarray(probabilities), np.asarray(weights)
-        yield probabilities[weights > 0], metadata
-
-
-def predict_split(predict_fn, model_state, source: finetune_data.FinetuneSource, split: str, local_batch: int,
-                  batch_sharding) -> dict[str, Any]:
-    """Predict every example of `split`; return labels, probabilities and example ids (process 0 order)."""
-    # NOTE: with several processes the gathered probabilities cover every process's rows, but the
-    # labels and ids collected here are only this process's; evaluation is exact on one process.
-    batches = finetune_data.eval_batches(source, split, local_batch_size=local_batch,
-                                         process_index=jax.process_index(), process_count=jax.process_count())
-    labels, probabilities, ids = [], [], []
-    for probs, metadata in predict_batches(predict_fn, model_state, _same_count(batches, local_batch, source.seq_len),
-                                           batch_sharding):
-        probabilities.append(probs[: len(metadata["labels"])])
-        labels.append(metadata["labels"])
-        ids.extend(f"{s.decode()}|{e.decode()}|{p}" for s, e, p in
-                   zip(metadata["source"], metadata["session"], metadata["packet_index"]))
-    if not labels:
-        return {"labels": np.zeros(0, np.int64), "probabilities": np.zeros((0, len(source.labels))), "ids": []}
-    return {"labels": np.concatenate(labels).astype(np.int64), "probabilities": np.concatenate(probabilities),
-            "ids": ids}
-
-
-def _same_count(batches: Iterator, local_batch: int, seq_len: int) -> Iterator:
-    """Pad this process's batch stream with empty batches until every process has the same count."""
-    items = list(batches)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        counts = multihost_utils.process_allgather(np.array([len(items)], np.int64))
-        target = int(np.max(counts))
-        empty = {"input_ids": np.zeros((0, seq_len), np.int32), "segment_ids": np.zeros((0, seq_len), np.int32),
-                 "labels": np.zeros(0, np.int32)}
-        while len(items) < target:
-            items.append(finetune_data.pad_batch(empty, local_batch))
-    yield from items
-
-
-def load_classifier(checkpoint_dir: str, mesh=None, step: int | None = None):
-    """Restore a fine-tuned classifier; return (model, Config, class names, checkpoint info dict).
-
-    `checkpoint_dir` is a fine-tuning workdir (its best checkpoint is taken), its `best` or
-    `checkpoints` directory, or one step directory. `mesh` defaults to all devices on the data axis.
-    """
-    from flax import nnx
-
-    from etbert_jax import checkpoint, sharding
-
-    path = pathlib.Path(checkpoint_dir)
-    if (path / BEST_SUBDIR).is_dir():
-        path = path / BEST_SUBDIR
-    directory, step_from_path = checkpoint.resolve_checkpoint_path(path)
-    checkpointer = checkpoint.Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False)
-    try:
-        chosen = checkpointer._require_step(step if step is not None else step_from_path)
-        values = checkpointer.read_config(chosen)
-        labels = values.pop("labels", None)
-        info = values.pop("finetune_data", {}) or {}
-        if not labels:
-            raise ValueError(f"the checkpoint in {directory} has no class labels; it is not a fine-tuned "
-                             "classifier (pass the workdir of `etbert finetune`)")
-        config = config_lib.config_from_dict(values)
-        mesh = mesh if mesh is not None else sharding.make_mesh(config_lib.MeshConfig(data=-1))
-        model = sharding.create_sharded_model(
-            lambda: _classifier(config, len(labels)), mesh)
-        restored = checkpointer.restore_model(chosen, model_target=checkpoint.abstract_state(nnx.state(model)))
-        nnx.update(model, restored)
-    finally:
-        checkpointer.close()
-    return model, config, list(labels), dict(info, step=chosen, checkpoint=str(directory))
-
-
-def _classifier(config: config_lib.Config, num_labels: int):
-    from flax import nnx
-
-    from etbert_jax import heads
-
-    return heads.Classifier(config.model, num_labels, rngs=nnx.Rngs(config.train.seed))
-
-
 # ---- the run -------------------------------------------------------------------------------
 
 def _finetune_data_item(source: finetune_data.FinetuneSource) -> dict:
     return {"level": source.level, "seq_len": source.seq_len, "data": source.description,
-            "split_policy": source.split.get("policy"), "num_examples": dict(source.num_examples)}
+            "split_policy": source.split.get("policy"), "num_examples": dict(source.num_examples),
+            "conversion": dict(source.conversion)}
 
 
 def _validation_record(step: int, scores: dict | None, train_values: dict) -> dict:
@@ -447,8 +273,7 @@ def finetune(config: config_lib.Config, source: finetune_data.FinetuneSource,
         log.info("balanced class weights: %s",
                  ", ".join(f"{name} {weight:.3g} ({count} examples)"
                            for name, weight, count in zip(labels, class_weights, counts)))
-    config_item = dict(config_lib.config_to_dict(config), labels=labels,
-                       finetune_data=_finetune_data_item(source))
+    config_item = classifier_config_item(config, labels, _finetune_data_item(source))
     if is_primary:
         config_lib.save_yaml(config, workdir / "config.yaml")
         (workdir / "labels.json").write_text(json.dumps({name: i for i, name in enumerate(labels)}, indent=2) + "\n")
@@ -529,8 +354,7 @@ def finetune(config: config_lib.Config, source: finetune_data.FinetuneSource,
         if improved:
             progress = dict(progress, best_step=step_done, evals_since_best=0,
                             best_macro_f1=None if scores is None else scores["macro_f1"])
-            best_checkpoints.save(step_done, model_state=state[0], optimizer_state=_NO_OPTIMIZER_STATE,
-                                  cursor={"step": step_done}, config=config_item, force=True)
+            save_classifier(best_checkpoints, step_done, state[0], config_item)
         else:
             progress = dict(progress, evals_since_best=progress["evals_since_best"] + 1)
         patience = settings.early_stopping_patience
@@ -605,9 +429,6 @@ def finetune(config: config_lib.Config, source: finetune_data.FinetuneSource,
 
 
 # Orbax cannot save an empty item, so best/ checkpoints carry this marker instead of optimizer state.
-_NO_OPTIMIZER_STATE = {"optimizer_state_not_saved": np.zeros((), np.int32)}
-
-
 # ---- command line --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,8 @@ class FinetuneSource:
     split: dict[str, Any]
     # Examples per split name.
     num_examples: dict[str, int]
+    # Conversion options of the manifest (session timeouts, packet caps, ...), for prediction.
+    conversion: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Shard files per split (shards) or None (TFDS).
     files: dict[str, list[str]] | None = None
     # Directory of the prepared TFDS dataset (TFDS) or None (shards).
@@ -126,7 +128,7 @@ def _open_shards(path: pathlib.Path, level: str) -> FinetuneSource:
         description=str(path), level=level, labels=_labels_in_order(mapping),
         tokenizer=dict(manifest.get("tokenizer") or {}), seq_len=int(manifest["seq_len"][level]),
         split=dict(manifest.get("split") or {}), num_examples={s: int(per_split.get(s, 0)) for s in SPLITS},
-        files=files)
+        conversion=dict(manifest.get("config") or {}), files=files)
 
 
 def _open_tfds_name(name: str, level: str, description: str) -> FinetuneSource:
@@ -178,7 +180,7 @@ def _from_builder(builder, level: str, description: str) -> FinetuneSource:
     return FinetuneSource(
         description=description, level=level, labels=labels, tokenizer=dict(metadata.get("tokenizer") or {}),
         seq_len=int(metadata["seq_len"]), split=dict(metadata.get("split") or {}), num_examples=counts,
-        tfds_dir=str(builder.data_dir))
+        conversion=dict(metadata.get("config") or {}), tfds_dir=str(builder.data_dir))
 
 
 # ---- tf.data --------------------------------------------------------------------------------
