@@ -10,7 +10,8 @@ processes, as a slice of N TPU hosts has. The coordinator port is a free localho
 is given.
 
 Process 0's output is streamed with a `[process 0]` prefix. The other processes write to
-`<log dir>/process-<i>.log`, whose last lines are printed when that process fails. When one
+`<log dir>/process-<i>.log` (appended to, one header line per run), whose last lines are printed
+when that process fails. When one
 process fails, the others are stopped (SIGTERM, then SIGKILL after `--grace`) and the launcher
 exits with the failed process's status. A SIGTERM to the launcher is passed on to every process.
 """
@@ -209,7 +210,11 @@ def run_processes(specs: Sequence[ProcessSpec], log_dir: pathlib.Path, *, grace_
                 pump = threading.Thread(target=_pump, args=(process.stdout, out, "[process 0] "), daemon=True)
                 pump.start()
             else:
-                log_file = open(log_dir / f"process-{process_id}.log", "w")
+                # Appending keeps the logs of earlier runs in the same workdir, such as the run
+                # that a resumed run continues.
+                log_file = open(log_dir / f"process-{process_id}.log", "a")
+                log_file.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(spec.argv)}\n")
+                log_file.flush()
                 log_files.append(log_file)
                 process = subprocess.Popen(spec.argv, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True)
