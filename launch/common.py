@@ -26,14 +26,14 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class LaunchError(RuntimeError):
-    """A launch step failed in a way that a retry cannot fix (bad flags, a missing tool)."""
+    """Error of a launch step that a retry cannot fix, such as a missing tool."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingArgs:
     """Arguments that every launcher passes to `etbert pretrain`, whatever the target machine."""
 
-    # Preset name (`tiny`, `small`, `base`, `large`) or path to a YAML file, as seen by the workers.
+    # Preset name (`tiny`, `small`, `base`, `large`, `etbert_compat`) or path to a YAML file, as seen by the workers.
     config: str
     # Directory of pre-training shards with its manifest.json (a local path or gs:// URL).
     data: str
@@ -88,7 +88,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Add --config, --data, --workdir and the positional overrides that every launcher takes."""
     group = parser.add_argument_group("training (passed to `etbert pretrain`)")
     group.add_argument("--config", required=True,
-                       help="preset name (tiny, small, base, large) or YAML path as seen by the workers")
+                       help="preset name (tiny, small, base, large, etbert_compat) or YAML path as seen by the workers")
     group.add_argument("--data", required=True,
                        help="directory of pre-training shards (train-*.tfrecord and manifest.json)")
     group.add_argument("--workdir", required=True,

@@ -102,7 +102,7 @@ def render_script(options: SlurmOptions, template: str | None = None) -> str:
     template = TEMPLATE.read_text() if template is None else template
     requested = directives(options)
 
-    # Replace the template's directives that we set; add the others after its last directive.
+    # Replace the template's directives that this run sets, and add the others after its last directive.
     lines = template.splitlines()
     seen: set[str] = set()
     last_directive = -1
