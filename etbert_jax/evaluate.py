@@ -404,10 +404,13 @@ def evaluate_checkpoint(
     from etbert_jax import config as config_lib
     from etbert_jax import finetune, finetune_data, sharding
 
+    # With a level given, bad data fails before the slower classifier restore.
+    source = finetune_data.open_source(data, level) if level else None
     mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1))
     model, config, class_names, info = finetune.load_classifier(checkpoint, mesh)
     level = level or config.finetune.level or "flow"
-    source = finetune_data.open_source(data, level)
+    if source is None:
+        source = finetune_data.open_source(data, level)
 
     if tuple(class_names) != tuple(source.labels):
         raise ValueError(
@@ -444,7 +447,10 @@ def evaluate_checkpoint(
         checkpoint=info.get("checkpoint", str(checkpoint)),
         step=info.get("step"),
     )
-    out = pathlib.Path(out_dir) if out_dir else pathlib.Path(checkpoint) / f"eval-{split}"
+    # The default sits beside the checkpoint manager's directory (WORKDIR/best -> WORKDIR), never
+    # inside an Orbax step directory.
+    manager_dir = pathlib.Path(info.get("checkpoint", checkpoint))
+    out = pathlib.Path(out_dir) if out_dir else manager_dir.parent / f"eval-{split}"
     return write_report(out, predicted["labels"], probabilities.argmax(axis=-1), probabilities,
                         class_names, context, example_ids=predicted["ids"])
 
@@ -462,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"),
                         help="split to evaluate (default: test)")
     parser.add_argument("--out", default=None,
-                        help="report directory (default: CHECKPOINT/eval-SPLIT)")
+                        help="report directory (default: eval-SPLIT in the fine-tuning workdir)")
     parser.add_argument("--level", choices=("packet", "flow"), default=None,
                         help="example level (default: the level the checkpoint was fine-tuned on)")
     parser.add_argument("--batch-size", type=int, default=None,

@@ -310,10 +310,11 @@ def test_evaluate_command_on_checkpoint(saved_run):
     from etbert_jax import main as cli
 
     root, written, model = saved_run
-    data_dir, workdir, out = root / "shards", root / "run", root / "report"
+    data_dir, workdir = root / "shards", root / "run"
+    # Without --out the report goes to eval-test in the workdir, beside best/.
+    out = workdir / "eval-test"
 
-    status = cli.main(["evaluate", "--checkpoint", str(workdir), "--data", str(data_dir),
-                       "--out", str(out)])
+    status = cli.main(["evaluate", "--checkpoint", str(workdir), "--data", str(data_dir)])
     saved = json.loads((out / "metrics.json").read_text())
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
@@ -354,7 +355,7 @@ def test_evaluate_command_missing_data(saved_run, tmp_path, capsys):
     from etbert_jax import main as cli
 
     root, _, _ = saved_run
-    status = cli.main(["evaluate", "--checkpoint", str(root / "run"), "--data",
+    status = cli.main(["evaluate", "--checkpoint", str(root / "run"), "--level", "flow", "--data",
                        str(tmp_path / "no-such-shards")])
 
     assert status == 2
