@@ -96,6 +96,67 @@ def assign_splits(items, policy: str, seed: int):
             | "AttachSplit" >> beam.FlatMap(transforms.attach_split))
 
 
+def build_pipeline(pipeline, elements: list, policy: str, settings: convert.ConvertSettings, output: str,
+                   with_tsv: bool, summary_path: str) -> None:
+    """Add the job's steps to `pipeline`: read, split, deduplicate, write shards (and TSV), summarize."""
+    prefixes = [f"{level}/{split}" for level in convert.LEVELS for split in splits.SPLITS]
+    read = (pipeline
+            | "CaptureUnits" >> beam.Create(elements)
+            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(settings, with_tsv, len(elements))))
+    items = read | "Examples" >> beam.FlatMap(transforms.only("example"))
+    assigned = items if policy == "capture" else assign_splits(items, policy, settings.seed)
+
+    session_stats = (assigned
+                     | "SessionSplit" >> beam.Map(lambda item: (item[2].session_uid, item[1]))
+                     | "GroupSessions" >> beam.GroupByKey()
+                     | "CountSessions" >> beam.FlatMap(transforms.count_session_splits))
+    deduplicated = (assigned
+                    | "KeyByContent" >> beam.Map(lambda item: ((item[2].level, convert.content_digest(
+                        item[2].input_ids)), item))
+                    | "GroupCopies" >> beam.GroupByKey()
+                    | "Deduplicate" >> beam.FlatMap(transforms.deduplicate))
+    kept = deduplicated | "Kept" >> beam.FlatMap(transforms.only("example"))
+
+    markers = pipeline | "ShardMarkers" >> beam.Create(transforms.shard_markers(prefixes, settings.num_shards))
+    written = ((kept | "Serialize" >> beam.ParDo(transforms.SerializeFinetuneFn(settings.num_shards)), markers)
+               | "WithMarkers" >> beam.Flatten()
+               | "GroupShards" >> beam.GroupByKey()
+               | "WriteShards" >> beam.ParDo(transforms.WriteShardsFn(output, settings.num_shards)))
+    stat_parts = [read, session_stats, deduplicated, written]
+
+    if with_tsv:
+        tsv_markers = pipeline | "TsvMarkers" >> beam.Create(
+            [((level, split), None) for level in convert.LEVELS for split in splits.SPLITS])
+        stat_parts.append((kept | "TsvRows" >> beam.Map(transforms.tsv_row), tsv_markers)
+                          | "TsvWithMarkers" >> beam.Flatten()
+                          | "GroupTsv" >> beam.GroupByKey()
+                          | "WriteTsv" >> beam.FlatMap(transforms.write_tsv_fn(output)))
+    transforms.add_summary(stat_parts, summary_path)
+
+
+def split_summary(counts: dict, requested: str, policy: str, warning: str | None, seed: int,
+                  units: list[splits.CaptureUnit], capture_assignment: dict[str, str]) -> dict:
+    """Return the manifest's split section, moving the split counts out of `counts`."""
+    removed = counts.pop("duplicates_removed", {})
+    sessions_found = counts.pop("sessions_per_split", {})
+    units_per_class: dict[str, int] = {}
+    for unit in units:
+        units_per_class[unit.label] = units_per_class.get(unit.label, 0) + 1
+    return {
+        "policy": policy,
+        "requested": requested,
+        "warning": warning,
+        "seed": seed,
+        "fractions": list(splits.DEFAULT_FRACTIONS),
+        "units_per_class": units_per_class,
+        "files_per_split": splits.files_per_split(units, capture_assignment) if policy == "capture" else None,
+        "sessions_per_split": {split: sessions_found.get(split, 0) for split in splits.SPLITS},
+        "sessions_in_several_splits": counts.pop("sessions_in_several_splits", 0),
+        "duplicates_removed": {level: {split: removed.get(level, {}).get(split, 0) for split in splits.SPLITS}
+                               for level in convert.LEVELS},
+    }
+
+
 def run(argv: list[str]) -> dict:
     """Run the job and return its manifest (also written to OUTPUT/manifest.json)."""
     args, beam_args = build_parser().parse_known_args(argv)
@@ -119,7 +180,8 @@ def run(argv: list[str]) -> dict:
              "policy %s, %d shards per level and split -> %s", len(path_of), len(labels), len(units), policy,
              vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
 
-    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
     manifest.write_json(manifest.join_path(output, "labels.json"), labels)
     job_temp = manifest.join_path(output, manifest.TEMP_FOLDER, uuid.uuid4().hex)
     summary_path = manifest.join_path(job_temp, manifest.SUMMARY_NAME)
@@ -130,44 +192,7 @@ def run(argv: list[str]) -> dict:
     # ---- the pipeline --------------------------------------------------------------------------
     started = time.time()
     pipeline = beam.Pipeline(options=pipeline_options)
-    read = (pipeline
-            | "CaptureUnits" >> beam.Create(elements)
-            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(settings, args.tsv, len(units))))
-    items = read | "Examples" >> beam.FlatMap(transforms.only("example"))
-    assigned = items if policy == "capture" else assign_splits(items, policy, settings.seed)
-
-    session_stats = (assigned
-                     | "SessionSplit" >> beam.Map(lambda item: (item[2].session_uid, item[1]))
-                     | "GroupSessions" >> beam.GroupByKey()
-                     | "CountSessions" >> beam.FlatMap(transforms.count_session_splits))
-    deduplicated = (assigned
-                    | "KeyByContent" >> beam.Map(lambda item: ((item[2].level, convert.content_digest(
-                        item[2].input_ids)), item))
-                    | "GroupCopies" >> beam.GroupByKey()
-                    | "Deduplicate" >> beam.FlatMap(transforms.deduplicate))
-    kept = deduplicated | "Kept" >> beam.FlatMap(transforms.only("example"))
-
-    markers = pipeline | "ShardMarkers" >> beam.Create(transforms.shard_markers(prefixes, settings.num_shards))
-    written = ((kept | "Serialize" >> beam.ParDo(transforms.SerializeFinetuneFn(settings.num_shards)), markers)
-               | "WithMarkers" >> beam.Flatten()
-               | "GroupShards" >> beam.GroupByKey()
-               | "WriteShards" >> beam.ParDo(transforms.WriteShardsFn(output, settings.num_shards)))
-    stat_parts = [read, session_stats, deduplicated, written]
-    if args.tsv:
-        tsv_markers = pipeline | "TsvMarkers" >> beam.Create(
-            [((level, split), None) for level in convert.LEVELS for split in splits.SPLITS])
-        stat_parts.append((kept | "TsvRows" >> beam.Map(transforms.tsv_row), tsv_markers)
-                          | "TsvWithMarkers" >> beam.Flatten()
-                          | "GroupTsv" >> beam.GroupByKey()
-                          | "WriteTsv" >> beam.FlatMap(transforms.write_tsv_fn(output)))
-    # The summary step must be the last one applied: the DaskRunner computes only the final step
-    # and what it depends on.
-    (tuple(stat_parts)
-     | "AllStats" >> beam.Flatten()
-     | "Stats" >> beam.FlatMap(transforms.only("stats"))
-     | "OneKey" >> beam.Map(lambda counts: (0, counts))
-     | "GroupStats" >> beam.GroupByKey()
-     | "WriteSummary" >> beam.FlatMap(transforms.write_summary_fn(summary_path)))
+    build_pipeline(pipeline, elements, policy, settings, output, args.tsv, summary_path)
     result = manifest.run_to_completion(pipeline)
     elapsed = time.time() - started
 
@@ -187,21 +212,7 @@ def run(argv: list[str]) -> dict:
     per_output = counts.pop("examples_per_output", {})
     counts["examples_per_split"] = {
         level: {split: per_output.get(f"{level}/{split}", 0) for split in splits.SPLITS} for level in convert.LEVELS}
-    removed = counts.pop("duplicates_removed", {})
-    sessions_found = counts.pop("sessions_per_split", {})
-    split_section = {
-        "policy": policy,
-        "requested": args.split,
-        "warning": warning,
-        "seed": settings.seed,
-        "fractions": list(splits.DEFAULT_FRACTIONS),
-        "units_per_class": units_per_class,
-        "files_per_split": (splits.files_per_split(units, capture_assignment) if policy == "capture" else None),
-        "sessions_per_split": {split: sessions_found.get(split, 0) for split in splits.SPLITS},
-        "sessions_in_several_splits": counts.pop("sessions_in_several_splits", 0),
-        "duplicates_removed": {level: {split: removed.get(level, {}).get(split, 0) for split in splits.SPLITS}
-                               for level in convert.LEVELS},
-    }
+    split_section = split_summary(counts, args.split, policy, warning, settings.seed, units, capture_assignment)
     config = dataclasses.asdict(settings)
     config.update({"root": args.root, "output": output, "split": args.split, "tsv": args.tsv,
                    "beam_args": beam_args})

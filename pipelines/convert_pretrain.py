@@ -70,7 +70,8 @@ def run(argv: list[str]) -> dict:
              "%d shards -> %s", len(found), len(units), options.runner_name(beam_args) or "DirectRunner",
              vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
 
-    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
     job_temp = manifest.join_path(output, manifest.TEMP_FOLDER, uuid.uuid4().hex)
     summary_path = manifest.join_path(job_temp, manifest.SUMMARY_NAME)
     manifest.remove_stale_shards(output, "train", settings.num_shards)
@@ -89,14 +90,7 @@ def run(argv: list[str]) -> dict:
                | "WithMarkers" >> beam.Flatten()
                | "GroupShards" >> beam.GroupByKey()
                | "WriteShards" >> beam.ParDo(transforms.WriteShardsFn(output, settings.num_shards)))
-    # The summary step must be the last one applied: the DaskRunner computes only the final step
-    # and what it depends on.
-    ((read, paired, written)
-     | "AllStats" >> beam.Flatten()
-     | "Stats" >> beam.FlatMap(transforms.only("stats"))
-     | "OneKey" >> beam.Map(lambda counts: (0, counts))
-     | "GroupStats" >> beam.GroupByKey()
-     | "WriteSummary" >> beam.FlatMap(transforms.write_summary_fn(summary_path)))
+    transforms.add_summary([read, paired, written], summary_path)
     result = manifest.run_to_completion(pipeline)
     elapsed = time.time() - started
 

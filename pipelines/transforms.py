@@ -313,3 +313,16 @@ def write_summary_fn(path: str):
         manifest.write_json(path, total)
         yield path
     return write
+
+
+def add_summary(stat_parts: Sequence, summary_path: str) -> None:
+    """Merge the "stats" elements of `stat_parts` into one summary file at `summary_path`.
+
+    Apply this last: the DaskRunner computes only the final step of a pipeline and what it depends on.
+    """
+    (tuple(stat_parts)
+     | "AllStats" >> beam.Flatten()
+     | "Stats" >> beam.FlatMap(only("stats"))
+     | "OneKey" >> beam.Map(lambda counts: (0, counts))
+     | "GroupStats" >> beam.GroupByKey()
+     | "WriteSummary" >> beam.FlatMap(write_summary_fn(summary_path)))
