@@ -284,10 +284,15 @@ def finetune_bytes(data: bytes, settings: ConvertSettings) -> bytes:
     return data[settings.finetune_offset:]
 
 
+def packet_tokens(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
+    """Return the first `tokens_per_packet` tokens of one packet's fine-tuning bytes."""
+    limit = settings.tokens_per_packet
+    return vocab.encode(finetune_bytes(data, settings), limit)[:limit]
+
+
 def packet_input_ids(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
     """Return `[CLS]` + the first `tokens_per_packet` tokens of a packet, cut to `packet_seq_len`."""
-    tokens = vocab.encode(finetune_bytes(data, settings), settings.tokens_per_packet)[: settings.tokens_per_packet]
-    ids = np.concatenate([[vocab.cls_id], tokens])[: settings.packet_seq_len]
+    ids = np.concatenate([[vocab.cls_id], packet_tokens(data, vocab, settings)])[: settings.packet_seq_len]
     return ids.astype(np.int64)
 
 
@@ -295,7 +300,7 @@ def flow_input_ids(packets: Sequence[bytes], vocab: Vocab, settings: ConvertSett
     """Return `[CLS]` + the tokens of the first `packets_per_flow` packets, cut to `flow_seq_len`."""
     parts = [[vocab.cls_id]]
     for data in packets[: settings.packets_per_flow]:
-        parts.append(vocab.encode(finetune_bytes(data, settings), settings.tokens_per_packet)[: settings.tokens_per_packet])
+        parts.append(packet_tokens(data, vocab, settings))
     ids = np.concatenate(parts)[: settings.flow_seq_len]
     return ids.astype(np.int64)
 
