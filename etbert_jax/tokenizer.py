@@ -218,9 +218,10 @@ class Vocab:
         """Tokenize `data` into int32 ids.
 
         `max_tokens` keeps the first `max_tokens` bigrams before the WordPiece lookup, as ET-BERT
-        cuts its bigram text before tokenizing. With the built-in vocabulary (and for nearly all
-        bigrams of the ET-BERT one) each bigram is one id, so the result then has at most
-        `max_tokens` ids. Callers that need a hard limit cut the result again.
+        cuts its bigram text before tokenizing. With the built-in vocabulary each bigram is one id,
+        so the result has at most `max_tokens` ids. With a WordPiece file, a bigram the file lacks
+        becomes several pieces (the released ET-BERT file lists 57,640 of the 65,536 bigrams), so
+        callers that need a hard limit cut the result again.
         """
         index = bigram_indices(data, max_tokens)
         if self.kind == "bigram":
