@@ -295,3 +295,24 @@ def test_wrapped_names_hint(tiny_files):
 
     with pytest.raises(importer.WeightImportError, match=r"module\.state_dict\(\)"):
         importer.import_etbert(weights, vocab, folder / "out", num_heads=4)
+
+
+def test_finetune_restores_imported_encoder(imported, reference_model):
+    """`etbert finetune --init` loads encoder and pooler from an imported checkpoint."""
+    from etbert_jax import finetune, sharding
+
+    result, _ = imported
+    config = config_lib.config_from_dict(result.config)
+    mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1))
+    classifier, _ = finetune.build_classifier(config, 3, mesh)
+    finetune.load_pretrained_encoder(classifier, str(result.out_dir), mesh)
+
+    ids = np.random.default_rng(1).integers(len(SPECIAL_TOKENS), TINY.vocab_size, size=(8, 16))
+    ids[:, 0] = 2
+    segments = np.ones_like(ids)
+    with torch.no_grad():
+        hidden, _, _ = reference_model(torch.tensor(ids), torch.tensor(segments))
+        pooled = torch.tanh(reference_model.target.nsp_linear_1(hidden[:, 0])).numpy()
+    jax_pooled = classifier.encode(jnp.asarray(ids), jnp.asarray(segments), deterministic=True)
+
+    _assert_close("pooled [CLS] features", np.asarray(jax_pooled), pooled)
