@@ -166,8 +166,7 @@ def restore_pretrained(path: str | os.PathLike, mesh, step: int | None = None):
     from flax import nnx
 
     from etbert_jax import config as config_lib
-    from etbert_jax import model as model_lib
-    from etbert_jax import sharding
+    from etbert_jax import heads, sharding
 
     directory, step_from_path = resolve_checkpoint_path(path)
     checkpointer = Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False)
@@ -176,10 +175,11 @@ def restore_pretrained(path: str | os.PathLike, mesh, step: int | None = None):
         config = config_lib.config_from_dict(checkpointer.read_config(step))
 
         def build():
-            return model_lib.PretrainModel(config.model, rngs=nnx.Rngs(config.train.seed))
+            return heads.PretrainModel(config.model, rngs=nnx.Rngs(config.train.seed))
 
-        model = sharding.create_sharded_model(build, mesh)
-        model_state = checkpointer.restore_model(step, model_target=abstract_state(nnx.state(model)))
+        # The abstract model has shapes, dtypes and the new mesh's shardings, and allocates nothing.
+        _, target = sharding.abstract_model(build, mesh)
+        model_state = checkpointer.restore_model(step, model_target=target)
     finally:
         checkpointer.close()
     return config, model_state

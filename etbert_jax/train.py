@@ -163,7 +163,7 @@ def optax_global_norm(tree) -> jax.Array:
     """Global L2 norm of a gradient pytree (float32)."""
     import optax
 
-    return optax.global_norm(tree).astype(jnp.float32)
+    return optax.tree.norm(tree).astype(jnp.float32)
 
 
 # ---- helpers -------------------------------------------------------------------------------
