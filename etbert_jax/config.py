@@ -5,7 +5,7 @@ Every setting has one default here. A run starts from a named preset (`tiny`, `s
 
     config = load_config("base", ["data.global_batch_size=256", "mesh.fsdp=4"])
 
-A YAML file holds sections named like the `Config` fields. It may start from a preset or from
+A YAML file contains sections named like the `Config` fields. It may start from a preset or from
 another YAML file with a top-level `extends: NAME_OR_PATH` key; without it, it starts from these
 defaults. The files in `configs/` spell out each preset in full.
 
@@ -37,6 +37,7 @@ ETBERT_VOCAB_SIZE = 60_005
 
 LAYER_NORM_KINDS = ("standard", "uer")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 MASKING_KINDS = ("span", "token")
 SCHEDULES = ("linear", "cosine")
 FINETUNE_LEVELS = ("packet", "flow")
@@ -79,6 +80,9 @@ class ModelConfig:
     # Dropout rate on attention probabilities, in [0, 1). 0.0 enables jax.nn.dot_product_attention's
     # fused path (flash attention on GPU); 0.1 matches ET-BERT.
     attention_dropout: float = 0.1
+    # Kernel of the fused attention path (used when attention dropout is off or in evaluation): "xla"
+    # everywhere, or "cudnn" for cuDNN flash attention on NVIDIA GPUs with bfloat16 compute.
+    attention_implementation: str = "xla"
     # "standard": (x - mean) / sqrt(var + eps). "uer": (x - mean) / (unbiased std + eps), as ET-BERT.
     layer_norm: str = "standard"
     # LayerNorm epsilon; None picks 1e-12 for "standard" and 1e-6 for "uer" at construction.
@@ -97,6 +101,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model", "layer_norm", self.layer_norm, LAYER_NORM_KINDS)
         _check_choice("model", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("model", "attention_implementation", self.attention_implementation,
+                      ATTENTION_IMPLEMENTATIONS)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_positions", "type_vocab_size"):
             _check_positive("model", name, getattr(self, name))

@@ -6,10 +6,10 @@ Training FLOPs per token of the encoder with an MBM decoder on a fraction p of t
 
 N_dense = L * (4 d^2 + 2 d f) counts the weight matmuls of the layers (forward 2 FLOPs per
 multiply-add, backward twice that, hence 6). 12 * L * s * d counts the two attention matmuls
-(QK^T and PV, 2 * s * d each forward per token) over forward and backward; a bidirectional
-encoder gets no causal halving. The last term is the MBM transform (d x d) and decoder (d x V)
-on the gathered positions. Embedding lookups, LayerNorms, softmax, the pooler and the SBP head are
-not counted (under 0.1 % for BERT-base). Rematerialisation is not counted either: MFU counts
+(QK^T and PV, 2 * s * d FLOPs each per token in the forward pass) over forward and backward.
+A bidirectional encoder gets no causal halving. The last term is the MBM transform (d x d) and
+decoder (d x V) on the gathered positions. Embedding lookups, LayerNorms, softmax, the pooler and
+the SBP head are not counted (by our estimate under 0.1 % for BERT-base). Rematerialisation is not counted either: MFU counts
 model FLOPs, not hardware FLOPs.
 """
 

@@ -6,25 +6,29 @@ LayerNorm, erf-GELU feed-forward, residual, LayerNorm). Token id 0 is padding an
 of attention as a key. Outputs at padding positions are computed but carry no meaning.
 
 Parameter tree of `BertEncoder` (shapes for hidden size H, heads N, head size D = H / N,
-feed-forward size F, L layers, padded vocabulary V; logical axis names in brackets):
+feed-forward size F, L layers, padded vocabulary V, P = max_positions; logical axis names in
+brackets, mapped to mesh axes in sharding.py):
 
-    embeddings.word.embedding        [V, H]       (vocab, embed)
-    embeddings.position.embedding    [512, H]     (positions, embed)
-    embeddings.segment.embedding     [3, H]       (segments, embed)
-    embeddings.norm.{scale,bias}     [H]          (norm)
-    layers.attention.qkv.kernel      [L, H, 3, N, D]  (layers, embed, qkv, heads, head_dim)
-    layers.attention.qkv.bias        [L, 3, N, D]     (layers, qkv, heads, head_dim)
-    layers.attention.out.kernel      [L, N, D, H]     (layers, heads, head_dim, embed)
-    layers.attention.out.bias        [L, H]           (layers, norm)
-    layers.attention_norm.{scale,bias}  [L, H]        (layers, norm)
-    layers.mlp.wi.{kernel,bias}      [L, H, F], [L, F]  (layers, embed, mlp), (layers, mlp)
-    layers.mlp.wo.{kernel,bias}      [L, F, H], [L, H]  (layers, mlp, embed), (layers, norm)
-    layers.mlp_norm.{scale,bias}     [L, H]           (layers, norm)
+    embeddings.word.embedding            [V, H]           (vocab, embed)
+    embeddings.position.embedding        [P, H]           (positions, embed)
+    embeddings.segment.embedding         [3, H]           (segments, embed)
+    embeddings.norm.{scale,bias}         [H]              (norm)
+    layers.attention.qkv_kernel          [L, H, 3, N, D]  (layers, embed, qkv, heads, head_dim)
+    layers.attention.qkv_bias            [L, 3, N, D]     (layers, qkv, heads, head_dim)
+    layers.attention.out_kernel          [L, N, D, H]     (layers, heads, head_dim, embed)
+    layers.attention.out_bias            [L, H]           (layers, norm)
+    layers.attention_norm.{scale,bias}   [L, H]           (layers, norm)
+    layers.mlp.wi.kernel, .bias          [L, H, F], [L, F]  (layers, embed, mlp), (layers, mlp)
+    layers.mlp.wo.kernel, .bias          [L, F, H], [L, H]  (layers, mlp, embed), (layers, norm)
+    layers.mlp_norm.{scale,bias}         [L, H]           (layers, norm)
 
 The layer parameters are always stacked on a leading layer axis, with or without
-`scan_layers`, so checkpoints load into either mode. In UER terms, `qkv.kernel[:, j]` is
-`linear_layers.{j}.weight.T` reshaped to [H, N, D]; `attention_norm` is `layer_norm_1` and
-`mlp_norm` is `layer_norm_2`; `mlp.wi`/`mlp.wo` are `feed_forward.linear_1`/`linear_2`.
+`scan_layers`, so checkpoints load into either mode. In UER names for layer i:
+`qkv_kernel[i, :, j]` is `self_attn.linear_layers.{j}.weight.T` reshaped to [H, N, D] (j = 0, 1, 2
+for query, key, value), `out_kernel[i]` is `self_attn.final_linear.weight.T` reshaped to [N, D, H],
+`attention_norm` is `layer_norm_1`, `mlp_norm` is `layer_norm_2`, and `mlp.wi` and `mlp.wo` are
+`feed_forward.linear_1` and `linear_2` (kernels transposed). UER LayerNorm `gamma`/`beta` map to
+`scale`/`bias`.
 
 Dropout keys come from the `dropout` stream of the Rngs given at construction (stored as
 `dropout_rngs`, whose counter advances on each non-deterministic call), or from an explicit
@@ -44,7 +48,7 @@ PAD_ID = 0
 
 
 def compute_dtype(config: ModelConfig) -> jnp.dtype:
-    """The activation dtype named by `config.compute_dtype`."""
+    """Return the activation dtype named by `config.compute_dtype`."""
     return jnp.dtype(config.compute_dtype)
 
 
@@ -108,10 +112,14 @@ class Embedding(nnx.Module):
     """A lookup table [rows, H] whose `attend` reuses it as an output projection (tied decoder)."""
 
     def __init__(self, rows: int, features: int, row_name: str, initializer, *, rngs: nnx.Rngs):
+        self.row_name = row_name
         self.embedding = sharding.param(initializer, rngs.params(), (rows, features), (row_name, "embed"))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # Gather the FSDP-sharded hidden axis first (as FSDP does for every weight), so the lookup
+        # output can follow the batch sharding instead of being fully rematerialised.
+        table = sharding.constrain(self.embedding[...], self.row_name, None)
+        return jnp.take(table, ids, axis=0)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """Return query @ table.T in the query's dtype: scores of every row, [..., rows]."""
@@ -161,15 +169,20 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, key_mask: jax.Array, key: jax.Array | None) -> jax.Array:
         """Attend over the sequence; `key_mask` [B, S] is True at real (non-padding) tokens."""
         dtype = x.dtype
-        qkv = jnp.einsum("bsh,htnd->bstnd", x, self.qkv_kernel[...].astype(dtype))
-        qkv = qkv + self.qkv_bias[...].astype(dtype)
-        query, keys, values = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # One matmul for query, key and value; the selector axis comes out first so that each of the
+        # three is a contiguous slice.
+        qkv = jnp.einsum("bsh,htnd->tbsnd", x, self.qkv_kernel[...].astype(dtype))
+        qkv = qkv + self.qkv_bias[...].astype(dtype)[:, None, None, :, :]
+        query, keys, values = qkv[0], qkv[1], qkv[2]
 
         rate = self.config.attention_dropout
         if key is None or rate == 0.0:
-            # Fused path: XLA on CPU/TPU, cuDNN flash attention on GPU when shapes allow.
+            # jax 0.10.2 picks the XLA kernel unless "cudnn" is requested explicitly.
+            # NOTE: the "cudnn" path (padding mask with cuDNN flash attention) has not been run on a GPU
+            # in this project's tests.
             mask = key_mask[:, None, None, :]
-            context = jax.nn.dot_product_attention(query, keys, values, mask=mask)
+            context = jax.nn.dot_product_attention(query, keys, values, mask=mask,
+                                                   implementation=self.config.attention_implementation)
         else:
             context = _attention_with_dropout(query, keys, values, key_mask, rate, key)
 

@@ -2,7 +2,7 @@
 
 Parameters and activations are annotated with logical axis names (`embed`, `heads`, `vocab`, ...).
 `LOGICAL_RULES` maps them onto the mesh axes `('data', 'fsdp', 'tensor')`, so a layout change is
-one edit here, never in the model. This module is the only one that knows the mesh axis names.
+one edit here, never in the model. Only this module names the mesh axes.
 
 The mesh uses Auto (GSPMD) axes: the compiler propagates shardings from the annotated parameters,
 the batch and the few activation constraints placed with `constrain`.
@@ -118,8 +118,9 @@ def rules_context() -> Iterator[None]:
 def create_sharded_model(build_fn: Callable[[], ModelT], mesh: Mesh) -> ModelT:
     """Call `build_fn` under a jitted constructor so every parameter is created already sharded.
 
-    No device ever holds a full replica of a sharded parameter. The returned model's arrays carry
-    NamedShardings on `mesh` as the rules table prescribes.
+    Initialisation runs inside one jitted function whose outputs carry the rules' shardings, so XLA
+    generates each shard on its own device instead of building full copies first. The returned
+    model's arrays carry NamedShardings on `mesh`.
     """
     with jax.set_mesh(mesh), rules_context():
         return nnx.jit(build_fn)()
@@ -139,7 +140,7 @@ def logical_to_mesh_sharding(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of every batch array: leading axis split over ('data', 'fsdp'), the rest replicated."""
+    """Return the sharding of every batch array: leading axis split over ('data', 'fsdp'), rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
