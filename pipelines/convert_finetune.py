@@ -73,6 +73,45 @@ def capture_units(tree: dict[str, list[tuple[str, str]]], series: bool) -> tuple
     return units, path_of
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a fine-tuning job reads: classes, capture units and the resolved split policy."""
+
+    # Class name -> label id (sorted class folder names).
+    labels: dict[str, int]
+    # Capture units of every class; a capture series is one unit.
+    units: list[splits.CaptureUnit]
+    # File name relative to the root -> path to read.
+    path_of: dict[str, str]
+    # Class name -> number of capture units.
+    units_per_class: dict[str, int]
+    # "capture", "session" or "packet" (never "auto").
+    policy: str
+    # Leakage warning for the manifest, or None.
+    warning: str | None
+    # Unit key -> split for the capture policy; empty for the others.
+    capture_assignment: dict[str, str]
+
+    @property
+    def elements(self) -> list[tuple]:
+        """Return the `ReadFinetuneFn` inputs: (unit, paths, names, label id, split or None)."""
+        return [(unit.key, [self.path_of[name] for name in unit.paths], list(unit.paths), self.labels[unit.label],
+                 self.capture_assignment.get(unit.key)) for unit in self.units]
+
+
+def plan(root: str, requested_split: str, settings: convert.ConvertSettings) -> Plan:
+    """List the labeled tree, group capture series, choose the split policy and assign captures."""
+    tree = inputs.list_labeled_tree(root)
+    labels = {name: index for index, name in enumerate(sorted(tree))}
+    units, path_of = capture_units(tree, settings.series)
+    units_per_class = {label: sum(1 for unit in units if unit.label == label) for label in labels}
+    policy, warning = splits.choose_policy(requested_split, units_per_class)
+    if warning:
+        log.warning("%s", warning)
+    capture_assignment = splits.assign_capture_splits(units, settings.seed) if policy == "capture" else {}
+    return Plan(labels, units, path_of, units_per_class, policy, warning, capture_assignment)
+
+
 def _keyed_by_unit(policy: str):
     def key(item):
         label, _, example = item
@@ -102,7 +141,8 @@ def build_pipeline(pipeline, elements: list, policy: str, settings: convert.Conv
     prefixes = [f"{level}/{split}" for level in convert.LEVELS for split in splits.SPLITS]
     read = (pipeline
             | "CaptureUnits" >> beam.Create(elements)
-            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(settings, with_tsv, len(elements))))
+            | "ReadExamples" >> beam.ParDo(transforms.ReadFinetuneFn(
+                settings, with_tsv, transforms.unit_numbers(element[0] for element in elements))))
     items = read | "Examples" >> beam.FlatMap(transforms.only("example"))
     assigned = items if policy == "capture" else assign_splits(items, policy, settings.seed)
 
@@ -134,22 +174,19 @@ def build_pipeline(pipeline, elements: list, policy: str, settings: convert.Conv
     transforms.add_summary(stat_parts, summary_path)
 
 
-def split_summary(counts: dict, requested: str, policy: str, warning: str | None, seed: int,
-                  units: list[splits.CaptureUnit], capture_assignment: dict[str, str]) -> dict:
+def split_summary(counts: dict, requested: str, job: Plan, seed: int) -> dict:
     """Return the manifest's split section, moving the split counts out of `counts`."""
     removed = counts.pop("duplicates_removed", {})
     sessions_found = counts.pop("sessions_per_split", {})
-    units_per_class: dict[str, int] = {}
-    for unit in units:
-        units_per_class[unit.label] = units_per_class.get(unit.label, 0) + 1
+    files = splits.files_per_split(job.units, job.capture_assignment) if job.policy == "capture" else None
     return {
-        "policy": policy,
+        "policy": job.policy,
         "requested": requested,
-        "warning": warning,
+        "warning": job.warning,
         "seed": seed,
         "fractions": list(splits.DEFAULT_FRACTIONS),
-        "units_per_class": units_per_class,
-        "files_per_split": splits.files_per_split(units, capture_assignment) if policy == "capture" else None,
+        "units_per_class": job.units_per_class,
+        "files_per_split": files,
         "sessions_per_split": {split: sessions_found.get(split, 0) for split in splits.SPLITS},
         "sessions_in_several_splits": counts.pop("sessions_in_several_splits", 0),
         "duplicates_removed": {level: {split: removed.get(level, {}).get(split, 0) for split in splits.SPLITS}
@@ -165,24 +202,15 @@ def run(argv: list[str]) -> dict:
     output = args.output.rstrip("/")
 
     # ---- inputs, labels and the split policy --------------------------------------------------
-    tree = inputs.list_labeled_tree(args.root)
-    labels = {name: index for index, name in enumerate(sorted(tree))}
-    units, path_of = capture_units(tree, settings.series)
-    pipeline_options = options.beam_options(beam_args, min(len(units), options.DEFAULT_DASK_PARTITIONS))
-    units_per_class = {label: sum(1 for unit in units if unit.label == label) for label in labels}
-    policy, warning = splits.choose_policy(args.split, units_per_class)
-    if warning:
-        log.warning("%s", warning)
-    capture_assignment = splits.assign_capture_splits(units, settings.seed) if policy == "capture" else {}
-    elements = [(position, unit.key, [path_of[name] for name in unit.paths], list(unit.paths), labels[unit.label],
-                 capture_assignment.get(unit.key)) for position, unit in enumerate(units)]
+    job = plan(args.root, args.split, settings)
+    pipeline_options = options.beam_options(beam_args, min(len(job.units), options.DEFAULT_DASK_PARTITIONS))
     log.info("converting %d capture files of %d classes (%d units), split by %s; vocab %s (%d ids), header "
-             "policy %s, %d shards per level and split -> %s", len(path_of), len(labels), len(units), policy,
-             vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
+             "policy %s, %d shards per level and split -> %s", len(job.path_of), len(job.labels), len(job.units),
+             job.policy, vocab.kind, vocab.size, settings.header_policy, settings.num_shards, output)
 
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
-    manifest.write_json(manifest.join_path(output, "labels.json"), labels)
+    manifest.write_json(manifest.join_path(output, "labels.json"), job.labels)
     job_temp = manifest.join_path(output, manifest.TEMP_FOLDER, uuid.uuid4().hex)
     summary_path = manifest.join_path(job_temp, manifest.SUMMARY_NAME)
     prefixes = [f"{level}/{split}" for level in convert.LEVELS for split in splits.SPLITS]
@@ -192,7 +220,7 @@ def run(argv: list[str]) -> dict:
     # ---- the pipeline --------------------------------------------------------------------------
     started = time.time()
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, elements, policy, settings, output, args.tsv, summary_path)
+    build_pipeline(pipeline, job.elements, job.policy, settings, output, args.tsv, summary_path)
     result = manifest.run_to_completion(pipeline)
     elapsed = time.time() - started
 
@@ -212,14 +240,14 @@ def run(argv: list[str]) -> dict:
     per_output = counts.pop("examples_per_output", {})
     counts["examples_per_split"] = {
         level: {split: per_output.get(f"{level}/{split}", 0) for split in splits.SPLITS} for level in convert.LEVELS}
-    split_section = split_summary(counts, args.split, policy, warning, settings.seed, units, capture_assignment)
+    split_section = split_summary(counts, args.split, job, settings.seed)
     config = dataclasses.asdict(settings)
     config.update({"root": args.root, "output": output, "split": args.split, "tsv": args.tsv,
                    "beam_args": beam_args})
     result_manifest = manifest.build_manifest(
         "finetune", config, settings.tokenizer_block(vocab),
         {"packet": settings.packet_seq_len, "flow": settings.flow_seq_len}, counts, shards, split_section)
-    result_manifest["labels"] = labels
+    result_manifest["labels"] = job.labels
     manifest.write_json(manifest.join_path(output, "manifest.json"), result_manifest)
     manifest.remove_temp(output, job_temp)
     _print_summary(result_manifest, output, elapsed)
@@ -244,7 +272,8 @@ def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force=True: importing Beam already installed a root handler, which would make this a no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     run(sys.argv[1:] if argv is None else argv)
     return 0
 

@@ -79,8 +79,9 @@ def run(argv: list[str]) -> dict:
     started = time.time()
     pipeline = beam.Pipeline(options=pipeline_options)
     read = (pipeline
-            | "CaptureUnits" >> beam.Create([(position,) + unit for position, unit in enumerate(units)])
-            | "ReadBursts" >> beam.ParDo(transforms.ReadBurstsFn(settings, len(units))))
+            | "CaptureUnits" >> beam.Create(units)
+            | "ReadBursts" >> beam.ParDo(transforms.ReadBurstsFn(
+                settings, transforms.unit_numbers(unit[0] for unit in units))))
     paired = (read
               | "Bursts" >> beam.FlatMap(transforms.only("burst"))
               | "GroupBuckets" >> beam.GroupByKey()
@@ -130,7 +131,8 @@ def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force=True: importing Beam already installed a root handler, which would make this a no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     run(sys.argv[1:] if argv is None else argv)
     return 0
 

@@ -79,13 +79,13 @@ def local_paths(paths: Sequence[str]) -> Iterator[list[str]]:
 class _ReadUnitFn(beam.DoFn):
     """Shared reading logic: dead letters, accounting after unexpected errors, counters."""
 
-    def __init__(self, settings: convert.ConvertSettings, total_units: int = 0) -> None:
+    def __init__(self, settings: convert.ConvertSettings, unit_numbers: dict[str, int] | None = None) -> None:
         self.settings = settings
-        # Units in the whole job, for progress lines such as "[12/58]".
-        self.total_units = total_units
+        # Unit name -> 1-based number in the job, for progress lines such as "[12/58]"; optional.
+        self.unit_numbers = unit_numbers or {}
 
     def _summary(self, unit: str, paths: Sequence[str], stats: SkipCounter, counts: Counter,
-                 dead: list[dict], failed: BaseException | None, position: int = -1) -> dict:
+                 dead: list[dict], failed: BaseException | None) -> dict:
         if failed is not None:
             # Packets read before the error were neither used nor skipped: count them, keep the equation.
             gap = stats.packets_read - stats.packets_used - stats.total_skipped
@@ -97,9 +97,15 @@ class _ReadUnitFn(beam.DoFn):
         summary["files"] = len(paths)
         summary["dead_letter"] = dead
         _count(summary)
-        log.info("[%d/%d] read %s: %d packets, %d used, %d sessions", position + 1, self.total_units, unit,
-                 stats.packets_read, stats.packets_used, counts.get("sessions", 0))
+        progress = f"[{self.unit_numbers.get(unit, '?')}/{len(self.unit_numbers) or '?'}] "
+        log.info("%sread %s: %d packets, %d used, %d sessions", progress, unit, stats.packets_read,
+                 stats.packets_used, counts.get("sessions", 0))
         return summary
+
+
+def unit_numbers(unit_names) -> dict[str, int]:
+    """Return unit name -> 1-based number, for the progress lines of the reading DoFns."""
+    return {name: number for number, name in enumerate(unit_names, start=1)}
 
 
 def _count(summary: dict) -> None:
@@ -123,10 +129,10 @@ def _dead_letter_handler(dead: list[dict]):
 # ---- pre-training -----------------------------------------------------------------------------
 
 class ReadBurstsFn(_ReadUnitFn):
-    """(position, unit, paths, names) -> ("burst", (bucket, BurstHalves))..., ("stats", counts)."""
+    """(unit, paths, names) -> ("burst", (bucket, BurstHalves))..., ("stats", counts)."""
 
     def process(self, unit_element):
-        position, unit, paths, names = unit_element
+        unit, paths, names = unit_element
         stats, counts, dead = SkipCounter(), Counter(), []
         failed = None
         try:
@@ -139,7 +145,7 @@ class ReadBurstsFn(_ReadUnitFn):
         except Exception as err:  # a damaged capture must not stop the job: it becomes a dead letter
             log.exception("reading %s failed; its remaining packets are counted as aborted_by_error", unit)
             failed = err
-        yield "stats", self._summary(unit, paths, stats, counts, dead, failed, position)
+        yield "stats", self._summary(unit, paths, stats, counts, dead, failed)
 
 
 class PairBucketFn(beam.DoFn):
@@ -165,10 +171,11 @@ class PairBucketFn(beam.DoFn):
 # ---- fine-tuning ------------------------------------------------------------------------------
 
 class ReadFinetuneFn(_ReadUnitFn):
-    """(position, unit, paths, names, label, split or None) -> ("example", (label, split, example))..., stats."""
+    """(unit, paths, names, label, split or None) -> ("example", (label, split, example))..., stats."""
 
-    def __init__(self, settings: convert.ConvertSettings, with_text: bool, total_units: int = 0) -> None:
-        super().__init__(settings, total_units)
+    def __init__(self, settings: convert.ConvertSettings, with_text: bool,
+                 unit_numbers: dict[str, int] | None = None) -> None:
+        super().__init__(settings, unit_numbers)
         self.with_text = with_text
         self.vocab = None
 
@@ -176,7 +183,7 @@ class ReadFinetuneFn(_ReadUnitFn):
         self.vocab = Vocab.load(self.settings.vocab)
 
     def process(self, unit_element):
-        position, unit, paths, names, label, split = unit_element
+        unit, paths, names, label, split = unit_element
         stats, counts, dead = SkipCounter(), Counter(), []
         failed = None
         try:
@@ -189,7 +196,7 @@ class ReadFinetuneFn(_ReadUnitFn):
         except Exception as err:  # a damaged capture must not stop the job: it becomes a dead letter
             log.exception("reading %s failed; its remaining packets are counted as aborted_by_error", unit)
             failed = err
-        yield "stats", self._summary(unit, paths, stats, counts, dead, failed, position)
+        yield "stats", self._summary(unit, paths, stats, counts, dead, failed)
 
 
 def split_unit(policy: str, label: int, example: convert.FinetuneExample) -> tuple[str, str]:
