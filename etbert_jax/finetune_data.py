@@ -140,7 +140,8 @@ def _open_tfds_name(name: str, level: str, description: str) -> FinetuneSource:
     if "/" not in name.split(":")[0]:
         name = f"{name}/{level}"
     try:
-        builder = tfds.builder(name)
+        # $TFDS_DATA_DIR is read here, at call time; tfds itself reads it once, at import.
+        builder = tfds.builder(name, data_dir=os.environ.get("TFDS_DATA_DIR") or None)
     except Exception as error:  # tfds raises several types for unknown names and configs
         raise ValueError(f"TFDS dataset {name!r} could not be loaded ({error}); build it first with "
                          f"`tfds build pipelines/tfds_builder.py --manual_dir ROOT`") from error
