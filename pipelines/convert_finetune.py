@@ -18,7 +18,7 @@ Pipeline:
     every stage's counts -> GroupByKey(one key) -> summary.json, read back by this launcher
 
 Splits are by capture file when every class has at least 3 capture units (a capture series counts
-as one), else by session with a warning in the manifest; `--split packet` reproduces ET-BERT's
+as one), else by session with a warning in the manifest. `--split packet` reproduces ET-BERT's
 per-sample split and is flagged as leaking.
 """
 
@@ -75,7 +75,7 @@ def capture_units(tree: dict[str, list[tuple[str, str]]], series: bool) -> tuple
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a fine-tuning job reads: classes, capture units and the resolved split policy."""
+    """The inputs of a fine-tuning job: classes, capture units and the resolved split policy."""
 
     # Class name -> label id (sorted class folder names).
     labels: dict[str, int]
