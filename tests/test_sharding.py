@@ -168,7 +168,7 @@ def test_sharded_parameters_are_split():
     table = model.encoder.embeddings.word.embedding[...]
     assert isinstance(table.sharding, NamedSharding)
     assert table.sharding.spec == PartitionSpec("tensor", "fsdp")
-    # Each device holds a quarter of the table: vocab split by tensor=2, hidden by fsdp=2.
+    # Each device stores a quarter of the table: vocab split by tensor=2, hidden by fsdp=2.
     shard_shapes = {shard.data.shape for shard in table.addressable_shards}
     assert shard_shapes == {(CONFIG.padded_vocab_size // 2, CONFIG.hidden_size // 2)}
 
