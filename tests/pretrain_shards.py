@@ -88,3 +88,21 @@ def make_shards(captures_dir: pathlib.Path, out_dir: pathlib.Path, *, num_shards
     examples = build_examples(captures_dir, seq_len=seq_len, count=count, seed=seed)
     write_shards(out_dir, examples, num_shards=num_shards, seq_len=seq_len)
     return out_dir
+
+
+def convert_sample_shards(captures_dir: pathlib.Path, out_dir: pathlib.Path, *, classes=("tls12", "ssh"),
+                          seq_len: int = 64, num_shards: int = 4) -> pathlib.Path:
+    """Run `etbert convert-pretrain` (Beam DirectRunner) on some sample classes; return the shard directory."""
+    import os
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "etbert_jax.main", "convert-pretrain",
+               *[str(captures_dir / name) for name in classes], "--output", str(out_dir),
+               "--num_shards", str(num_shards), "--seq_len", str(seq_len)]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"convert-pretrain failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
+    return out_dir
