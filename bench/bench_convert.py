@@ -1,6 +1,6 @@
 """Throughput and peak memory of the conversion core against two references measured in the same run.
 
-What runs, on the same list of capture files (the bundled captures repeated until the list holds at
+What runs, on the same list of capture files (the bundled captures repeated until the list contains at
 least `--min-packets` packets):
 
 - `ours-pretrain`: capture -> sessions -> BURSTs -> SBP pairs -> token ids -> serialized pre-training
@@ -71,7 +71,7 @@ PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 ETBERT_CUT_BYTES = 38
 # Bigram tokens ET-BERT keeps per packet for fine-tuning.
 ETBERT_TOKENS_PER_PACKET = 128
-# Gap added between concatenated copies of the memory-test capture; longer than the default idle
+# Gap added between concatenated copies of the memory-test capture. It is longer than the default idle
 # (120 s) and active (3600 s) session timeouts, so no session spans two copies.
 COPY_GAP_NS = 2 * 3600 * 1_000_000_000
 # DLT numbers the dpkt floor decodes.
@@ -98,7 +98,7 @@ def list_captures(root: pathlib.Path) -> list[pathlib.Path]:
 
 def repeat_to(paths: Sequence[pathlib.Path], counts: dict[pathlib.Path, int],
               min_packets: int) -> list[pathlib.Path]:
-    """Repeat the whole file list until it holds at least `min_packets` packets."""
+    """Repeat the whole file list until it contains at least `min_packets` packets."""
     per_pass = sum(counts[path] for path in paths)
     if per_pass == 0:
         raise SystemExit("the captures hold no packets; pass --captures DIR with non-empty captures")
@@ -204,7 +204,7 @@ def run_ours_pretrain(paths: Sequence[pathlib.Path], settings: convert.ConvertSe
     """Convert every file to serialized SBP pre-training pairs; return the packets read.
 
     With `bucket_size` None, BURSTs are grouped into `settings.pair_buckets` hash buckets over the
-    whole workload and each bucket is paired, as the Beam pipeline's GroupByKey does; memory then
+    whole workload and each bucket is paired, as the Beam pipeline's GroupByKey does. Memory then
     grows with the workload. With a `bucket_size`, consecutive chunks of that many BURSTs are paired
     as they arrive, which keeps memory bounded.
     """
@@ -298,8 +298,8 @@ def write_repeated_pcap(source: pathlib.Path, destination: pathlib.Path, copies:
         raise SystemExit(f"{source} has no packets; pass --rss-capture with a non-empty pcap")
     linktypes = {record.linktype for record in records}
     if len(linktypes) != 1:
-        raise SystemExit(f"{source} mixes link types {sorted(linktypes)}; a classic pcap holds one, "
-                         "so pass --rss-capture with a single-link-type capture")
+        raise SystemExit(f"{source} mixes link types {sorted(linktypes)}, but a classic pcap has only one: "
+                         "pass --rss-capture with a single-link-type capture")
     first = min(record.ts_ns for record in records)
     shift = max(record.ts_ns for record in records) - first + COPY_GAP_NS
     snaplen = 262144
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--captures", type=pathlib.Path, default=DEFAULT_CAPTURES,
                         help="folder searched recursively for pcap/pcapng files (default: data/sample-captures)")
     parser.add_argument("--min-packets", type=int, default=200_000,
-                        help="repeat the file list until it holds at least this many packets (default: 200000)")
+                        help="repeat the file list until it contains at least this many packets (default: 200000)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of dpkt-floor and our two paths (default: 3)")
     parser.add_argument("--scapy-repeats", type=int, default=1,

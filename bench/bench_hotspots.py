@@ -6,7 +6,7 @@ same output as the current code:
 
 1. `records._varints` (packed int64 lists of every example) costs about 80 us per call, whatever the
    length, because it runs about 30 numpy operations. Token ids stay below 2**17 in both vocabularies,
-   so a table of the 131,072 precomputed varints plus one `bytes.join` does the same work; other values
+   so a table of the 131,072 precomputed varints plus one `bytes.join` does the same work. Other values
    fall back to the current function.
 2. `convert.pair_bucket` searches forward for a BURST of another session separately for every
    negative, which is quadratic when a bucket holds long runs of one session. One backward pass around
@@ -74,8 +74,8 @@ def pair_bucket_linear(bursts: Iterable[convert.BurstHalves], bucket: int, setti
     size = len(ordered)
     sessions = [item.session for item in ordered]
 
-    # next_other[i]: the first position after i, going round the ring, whose session differs from
-    # position i's; None when the whole bucket is one session. Two backward passes cover the wrap.
+    # next_other[i] is the first position after i, going round the ring, whose session differs from
+    # position i's. It is None when the whole bucket is one session. Two backward passes cover the wrap.
     next_other: list[int | None] = [None] * size
     for step in range(2 * size - 1, -1, -1):
         position = step % size

@@ -212,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if len(args.seq_lens) != len(args.batch_sizes):
-        raise SystemExit(f"--seq-lens has {len(args.seq_lens)} values but --batch-sizes has {len(args.batch_sizes)}; "
+        raise SystemExit(f"--seq-lens has {len(args.seq_lens)} values but --batch-sizes has {len(args.batch_sizes)}: "
                          "give one batch size per sequence length")
     frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
     unknown = sorted(set(frameworks) - set(FRAMEWORKS))
     if unknown or not frameworks:
-        raise SystemExit(f"--frameworks {args.frameworks!r} is invalid; choose from {', '.join(FRAMEWORKS)}")
+        raise SystemExit(f"--frameworks {args.frameworks!r} is invalid: choose from {', '.join(FRAMEWORKS)}")
 
     # Child processes get the same model, dtype, step and thread options.
     parent_only = {"--seq-lens", "--batch-sizes", "--frameworks", "--json"}

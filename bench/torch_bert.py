@@ -12,9 +12,9 @@ Module names follow UER's state dict (`embedding.*`, `encoder.transformer.{i}.se
 - loss = MLM loss * `mlm_weight` + SBP loss (ET-BERT: MLM / 10 + SBP), then AdamW with weight decay
   on everything but biases and LayerNorm parameters, after global gradient-norm clipping.
 
-Two departures from UER, both to make the same amount of work as etbert-jax's step: the MLM transform
-runs only on the gathered masked positions (UER applies `mlm_linear_1` to every position and gathers
-afterwards), and LayerNorm is `torch.nn.LayerNorm` (UER's variant divides by std + eps; same cost).
+Two departures from UER keep the work equal to etbert-jax's step. The MLM transform runs only on the
+gathered masked positions, where UER applies `mlm_linear_1` to every position and gathers afterwards.
+LayerNorm is `torch.nn.LayerNorm`, where UER divides by std + eps at the same cost.
 With `attention="sdpa"` the attention uses `torch.nn.functional.scaled_dot_product_attention`;
 `attention="explicit"` writes out UER's matmul-softmax-matmul, which is the only choice when attention
 dropout is above 0 in UER's code.
@@ -222,7 +222,7 @@ def train_step(model: BertPretrain, optimizer: torch.optim.Optimizer, batch: dic
                autocast_dtype: torch.dtype | None = None) -> float:
     """Run one pre-training step (forward, backward, clipping, AdamW update) and return the loss.
 
-    `batch` holds input_ids, segment_ids, masked_positions, mbm_targets, mbm_weights and sbp_labels,
+    `batch` contains input_ids, segment_ids, masked_positions, mbm_targets, mbm_weights and sbp_labels,
     laid out as etbert-jax's batches. With `autocast_dtype` the forward pass runs under CPU autocast.
     """
     model.train()

@@ -1,6 +1,6 @@
 """Smoke runs of the benchmark scripts in bench/ with minimal sizes.
 
-These check that each script runs end to end and prints its ratios; they assert no speed, because
+These check that each script runs end to end and prints its ratios. They assert no speed, because
 benchmark numbers are only meaningful as ratios measured in one run on a quiet machine.
 """
 
