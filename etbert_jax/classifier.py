@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 BEST_SUBDIR = "best"
 # Keys that a fine-tuned checkpoint's config item carries besides the Config sections.
 EXTRA_CONFIG_KEYS = ("labels", "finetune_data")
+# Orbax cannot save an empty item, so best/ checkpoints carry this marker instead of optimizer state.
+_NO_OPTIMIZER_STATE = {"optimizer_state_not_saved": np.zeros((), np.int32)}
 
 
 def read_stored_config(init: str, step: int | None) -> tuple[config_lib.Config, int]:
@@ -107,8 +109,8 @@ def predict_batches(predict_fn, model_state, batches: Iterable[tuple[dict, dict]
                     ) -> Iterator[tuple[np.ndarray, dict]]:
     """Run `predict_fn` over (model batch, metadata) pairs; yield (probabilities of the real rows, metadata).
 
-    Every process must pass the same number of batches (the global batch is assembled from each
-    process's rows); padded rows, weight 0, are dropped from the output.
+    Every process must pass the same number of batches, because the global batch is assembled
+    from each process's rows. Padded rows (weight 0) are dropped from the output.
     """
     from jax.experimental import multihost_utils
 
@@ -129,8 +131,8 @@ def predict_batches(predict_fn, model_state, batches: Iterable[tuple[dict, dict]
 def predict_split(predict_fn, model_state, source: finetune_data.FinetuneSource, split: str, local_batch: int,
                   batch_sharding) -> dict[str, Any]:
     """Predict every example of `split`; return labels, probabilities and example ids (process 0 order)."""
-    # NOTE: with several processes the gathered probabilities cover every process's rows, but the
-    # labels and ids collected here are only this process's; evaluation is exact on one process.
+    # NOTE: with several processes only this process's labels and ids are collected, and the
+    # probabilities kept are the first rows of the gathered batch. Scores are exact on one process.
     batches = finetune_data.eval_batches(source, split, local_batch_size=local_batch,
                                          process_index=jax.process_index(), process_count=jax.process_count())
     labels, probabilities, ids = [], [], []
@@ -167,7 +169,7 @@ def classifier_config_item(config: config_lib.Config, labels: Sequence[str], dat
 
 
 def save_classifier(checkpointer, step: int, model_state, config_item: dict) -> None:
-    """Save a classifier's model state without optimizer state (as best/ holds it), for `load_classifier`."""
+    """Save a classifier's model state without optimizer state, as best/ stores it, for `load_classifier`."""
     checkpointer.save(step, model_state=model_state, optimizer_state=_NO_OPTIMIZER_STATE, cursor={"step": step},
                       config=config_item, force=True)
 
@@ -212,7 +214,3 @@ def _classifier(config: config_lib.Config, num_labels: int):
     from etbert_jax import heads
 
     return heads.Classifier(config.model, num_labels, rngs=nnx.Rngs(config.train.seed))
-
-
-_NO_OPTIMIZER_STATE = {"optimizer_state_not_saved": np.zeros((), np.int32)}
-

@@ -4,8 +4,8 @@
         [--step N] [--config PRESET_OR_YAML] [section.key=value ...]
 
 `--init` is a pre-training workdir, its checkpoints directory, one step directory, or the output
-of `etbert import-etbert`. The encoder and the pooler are restored from it (from the newest step,
-or from `--step N`) onto the current mesh; the MBM and SBP heads are not used. A new output layer
+of `etbert import-etbert`. The encoder and the pooler are restored from its newest step (or from
+`--step N`) onto the current mesh, and its MBM and SBP heads are not read. A new output layer
 on the pooled [CLS] vector classifies into the classes of the data. Without `--init` the model
 starts from random weights (a baseline).
 
@@ -19,10 +19,10 @@ One run, in order:
 1. configuration and checks; class weights when `finetune.class_weights=balanced`;
 2. mesh, classifier born sharded, encoder and pooler restored from `--init`;
 3. resume from WORKDIR/checkpoints when a checkpoint exists;
-4. the loop: jitted train step (state donated), metrics every `train.log_every` steps, validation
-   macro-F1 every `finetune.eval_every` steps (0: once per epoch); the best model so far is kept
-   in WORKDIR/best and the run stops early after `finetune.early_stopping_patience` validations
-   without improvement;
+4. the loop: jitted train step (state donated) and metrics every `train.log_every` steps. The
+   validation macro-F1 is computed every `finetune.eval_every` steps (0: once per epoch). The
+   best model so far is kept in WORKDIR/best, and the run stops early after
+   `finetune.early_stopping_patience` validations without improvement;
 5. the best model is evaluated on the test split and the report is written to WORKDIR/eval/.
 
 With `finetune.freeze_encoder=true` (a linear probe) only the output layer is differentiated and
@@ -428,7 +428,6 @@ def finetune(config: config_lib.Config, source: finetune_data.FinetuneSource,
                           best_macro_f1=progress["best_macro_f1"], test_metrics=test_metrics)
 
 
-# Orbax cannot save an empty item, so best/ checkpoints carry this marker instead of optimizer state.
 # ---- command line --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,8 @@
 - a shards directory (`DIR/manifest.json` of kind "finetune", `DIR/<level>/<split>-*.tfrecord`);
 - `tfds:NAME` or `tfds:NAME/CONFIG`, loaded with `tfds.builder` from the default TFDS data
   directory (or `$TFDS_DATA_DIR`); the config defaults to the level;
-- a directory written by `tfds build` (one that holds `dataset_info.json`, or a parent of such
-  directories, where the one whose config matches the level is taken).
+- a directory written by `tfds build`: one that contains `dataset_info.json`, or a parent of such
+  directories, of which the one whose config matches the level is read.
 
 Both kinds of source give the same element dicts, so training never sees which one it reads:
 
@@ -51,7 +51,7 @@ TFDS_DATASET_NAME = "etbert_traffic"
 class FinetuneSource:
     """A labeled fine-tuning dataset at one level, from shards or TFDS."""
 
-    # What the user passed, for messages.
+    # The data argument as given, for messages.
     description: str
     # "packet" or "flow".
     level: str
@@ -153,7 +153,7 @@ def _open_tfds_dir(path: pathlib.Path, level: str, description: str) -> Finetune
 
     candidates = sorted(found.parent for found in path.rglob("dataset_info.json"))
     if not candidates:
-        raise FileNotFoundError(f"{path} holds neither manifest.json (shards) nor dataset_info.json (TFDS); pass "
+        raise FileNotFoundError(f"{path} contains neither manifest.json (shards) nor dataset_info.json (TFDS); pass "
                                 "the output folder of `etbert convert-finetune` or a `tfds build` data directory")
     matching = [found for found in candidates if _dataset_level(found) == level]
     if not matching:
@@ -173,7 +173,7 @@ def _dataset_level(directory: pathlib.Path) -> str | None:
 def _from_builder(builder, level: str, description: str) -> FinetuneSource:
     metadata = dict(builder.info.metadata or {})
     if metadata.get("level") != level:
-        raise ValueError(f"TFDS dataset {description} holds {metadata.get('level')!r}-level examples, but level "
+        raise ValueError(f"TFDS dataset {description} contains {metadata.get('level')!r}-level examples, but level "
                          f"{level!r} was requested; pass the matching config or --level")
     labels = tuple(builder.info.features["label"].names)
     counts = {split: int(builder.info.splits[split].num_examples) if split in builder.info.splits else 0

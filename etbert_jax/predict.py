@@ -3,20 +3,22 @@
     etbert predict --checkpoint runs/ft capture.pcap [more captures or folders]
         [--out predictions.csv|predictions.jsonl] [--level flow|packet] [--top-k 3] [--batch-size 64]
 
-Captures go through the capture layer and the tokenizer exactly as in `etbert convert-finetune`:
-the header policy, vocabulary, tokens per packet, packets per flow, sequence length and session
-timeouts all come from the checkpoint, which stored them from the shards it was trained on.
+Captures go through the capture layer and the tokenizer exactly as in `etbert convert-finetune`.
+The header policy, vocabulary, tokens per packet, packets per flow, sequence length and session
+timeouts come from the checkpoint, which stored them from the shards it was trained on.
 Each capture file is read as its own stream (a capture series is not joined).
 
-One row per session (flow level) or per packet (packet level), with the columns of `COLUMNS`:
-capture name, protocol, client and server `address:port` (the client is the connection's
-initiator, see docs/capture-rules.md), first and last timestamp as ISO-8601 UTC and as integer
-nanoseconds, packet count (the session's packets, or 1 at packet level), packet index in its
-session (-1 at flow level), predicted label, its probability and the `--top-k` labels with their
-probabilities. CSV writes the top-k list as `label:probability` pairs separated by `;`.
+Each session (flow level) or packet (packet level) gives one row with the columns of `COLUMNS`:
+- capture name, protocol, client and server `address:port` (the client opened the session, by
+  the rules of docs/capture-rules.md);
+- first and last timestamp as ISO-8601 UTC and as integer nanoseconds;
+- packet count (the session's packets, or 1 at packet level) and packet index in the session
+  (-1 at flow level);
+- predicted label, its probability, and the `--top-k` labels with their probabilities. CSV writes
+  that list as `label:probability` pairs separated by `;`.
 
 A file that cannot be read is reported on stderr, listed in the closing summary and skipped;
-the run goes on. The exit code is 0 when at least one file was read, 1 when none was.
+the run goes on. The exit code is 0 when at least one file was read, and 1 when none was.
 
 NOTE: prediction runs in one process; multi-host prediction is not implemented.
 """

@@ -3,8 +3,8 @@
     python -m pipelines.build_tfds ROOT --data_dir DATA_DIR [--level packet|flow|both]
         [--split auto|capture|session|packet] [conversion flags of convert-finetune] [Beam flags]
 
-The builder itself lives in pipelines/tfds_builder.py; this module only parses flags and runs it,
-because TFDS cannot locate a builder class defined in a module run as `__main__`.
+The builder itself is in pipelines/tfds_builder.py, and this module only parses flags and runs it.
+The split exists because TFDS cannot locate a builder class defined in a module run as `__main__`.
 """
 
 from __future__ import annotations

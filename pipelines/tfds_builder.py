@@ -6,7 +6,7 @@ Build (Apache Beam, DirectRunner by default; other flags go to Beam):
         [--split auto|capture|session|packet] [conversion flags of convert-finetune] \
         [--direct_num_workers=2 --direct_running_mode=multi_processing]
 
-ROOT holds one folder per class (`ROOT/<class>/**/*.pcap`). The dataset is `etbert_traffic` with
+ROOT contains one folder per class (`ROOT/<class>/**/*.pcap`). The dataset is `etbert_traffic` with
 one config per level, `etbert_traffic/packet` and `etbert_traffic/flow`. Load it with
 
     tfds.load("etbert_traffic/flow", data_dir=DATA_DIR)        # after `import pipelines.tfds_builder`
@@ -89,7 +89,7 @@ class EtbertTraffic(tfds.core.GeneratorBasedBuilder):
         """Create the builder; `root` defaults to the manual directory, `settings` to ConvertSettings()'s.
 
         `split_policy` is auto, capture, session or packet (as `etbert convert-finetune --split`);
-        `settings` holds keyword arguments of convert.ConvertSettings.
+        `settings` contains keyword arguments of convert.ConvertSettings.
         """
         self.root = root
         self.split_policy = split_policy
@@ -101,8 +101,8 @@ class EtbertTraffic(tfds.core.GeneratorBasedBuilder):
 
         from pipelines import inputs
 
-        # Class names come from the tree when it is known now; otherwise from the manual directory
-        # in _split_generators, or from dataset_info when a prepared dataset is loaded.
+        # Class names come from the tree when its root is known here. Otherwise _split_generators
+        # sets them from the manual directory, or a prepared dataset's dataset_info restores them.
         names = sorted(inputs.list_labeled_tree(self.root)) if self.root else None
         features = tfds.features.FeaturesDict({
             "input_ids": tfds.features.Sequence(tf.int64),
