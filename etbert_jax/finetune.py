@@ -417,8 +417,8 @@ def finetune(config: config_lib.Config, source: finetune_data.FinetuneSource,
         log.warning("the test split of %s is empty: no report written", source.description)
     elif is_primary:
         context = evaluate.ReportContext(
-            split_policy=source.split.get("policy", "session"),
-            header_policy=str(config.tokenizer.get("header_policy", "unknown")), level=source.level,
+            split_policy=source.split.get("policy") or evaluate.UNKNOWN_SPLIT_POLICY,
+            header_policy=str(config.tokenizer.get("header_policy", "not recorded")), level=source.level,
             split_name="test", split_manifest=source.split, checkpoint=str(workdir / BEST_SUBDIR),
             step=best_step)
         test_metrics = evaluate.write_report(workdir / EVAL_SUBDIR, test["labels"],

@@ -82,6 +82,14 @@ def test_capture_split_chain(sample_captures, tmp_path):
     assert (report / "confusion_matrix.png").stat().st_size > 0
     assert len((report / "predictions.jsonl").read_text().splitlines()) == test_size
 
+    # `etbert evaluate` on the same split reproduces the report of the fine-tuning run.
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "finetune"), "--data", str(tmp_path / "ft"),
+                     "--out", str(tmp_path / "evaluate")]) == 0
+    evaluated = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert evaluated["num_examples"] == test_size
+    assert evaluated["macro_f1"] == pytest.approx(metrics["macro_f1"], abs=1e-9)
+    assert evaluated["step"] == metrics["step"]
+
     # Prediction on the captures no training stage has read.
     test_captures = [str(tree / name) for name in files["test"]]
     rows_path = tmp_path / "predictions.jsonl"

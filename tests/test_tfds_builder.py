@@ -85,6 +85,11 @@ def test_finetune_source_reads_tfds(built, monkeypatch):
     assert sum(int(batch["weights"].sum()) for batch, _ in batches) == from_dir.num_examples["valid"]
     assert all(batch["input_ids"].shape == (8, from_dir.seq_len) for batch, _ in batches)
 
+    train = next(finetune_data.train_batches(from_dir, local_batch_size=4, shuffle_buffer=16, seed=0))
+    assert train["input_ids"].shape == (4, from_dir.seq_len)
+    assert set(train["labels"].tolist()) <= set(range(len(from_dir.labels)))
+    assert (train["segment_ids"] == (train["input_ids"] != 0)).all()
+
     monkeypatch.setenv("TFDS_DATA_DIR", str(built["base"] / "data"))
     by_name = finetune_data.open_source(f"tfds:{tfds_builder.DATASET_NAME}", "flow")
     assert by_name.num_examples == built["manifest"]["counts"]["examples_per_split"]["flow"]
