@@ -95,7 +95,7 @@ class ModelConfig:
     scan_layers: bool = True
     # Recompute each layer's activations in the backward pass (saves memory, costs ~1/3 more FLOPs).
     remat: bool = False
-    # Standard deviation of the truncated-normal initialiser of weights and embeddings.
+    # Standard deviation of the normal initialiser of weights and embeddings (ET-BERT uses 0.02).
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -244,7 +244,8 @@ class OptimConfig:
     eps: float = 1e-6
     # Global gradient-norm clip; 0 disables clipping.
     grad_clip_norm: float = 1.0
-    # Micro-batches per optimizer step; must divide the per-device share of the global batch.
+    # Micro-batches per optimizer step; must divide the examples per batch shard,
+    # global_batch_size / (mesh.data * mesh.fsdp).
     grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:

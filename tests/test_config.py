@@ -226,3 +226,16 @@ def test_validate_accepts_good_layouts():
     ]:
         config = config_lib.load_config("tiny", overrides)
         assert config_lib.validate(config, num_devices=8, process_count=2) == expected
+
+
+def test_validate_fsdp_must_divide_hidden():
+    config = config_lib.load_config("tiny", ["model.hidden_size=36", "model.num_heads=2", "mesh.data=1",
+                                             "mesh.fsdp=8"])
+    with pytest.raises(ValueError, match="hidden_size=36 is not divisible by mesh.fsdp=8"):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_validate_grad_accum_must_divide_shard_batch():
+    config = config_lib.load_config("tiny", ["optim.grad_accum_steps=3"])
+    with pytest.raises(ValueError, match="grad_accum_steps=3 does not divide the 2 examples per batch shard"):
+        config_lib.validate(config, num_devices=8)
