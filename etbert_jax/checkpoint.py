@@ -78,7 +78,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """Whether the save policy saves at `step` (every `save_every` steps)."""
+        """Return whether the save policy saves at `step` (every `save_every` steps)."""
         return self._manager.should_save(step)
 
     def save(self, step: int, *, model_state, optimizer_state, cursor: dict, config: dict,

@@ -243,6 +243,31 @@ def _check_same_model(stored: dict, config: config_lib.Config, directory) -> Non
                          "use another --workdir or pass --no-resume with an empty workdir")
 
 
+def _restore_or_start(checkpointer, config: config_lib.Config, model, optimizer) -> tuple[int, data.InputCursor]:
+    """Restore the newest checkpoint into `model` and `optimizer` when resuming; return (step, input cursor)."""
+    from flax import nnx
+
+    from etbert_jax import checkpoint
+
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return 0, data.InputCursor()
+    if not config.train.resume:
+        # Old and new checkpoints in one directory would make a later resume pick the wrong run.
+        raise ValueError(f"--no-resume was given but {checkpointer.directory} already holds checkpoints up to step "
+                         f"{latest}: pass a new --workdir, or delete that directory to start over")
+
+    _check_same_model(checkpointer.read_config(latest), config, checkpointer.directory)
+    model_state, optimizer_state, cursor_item, _ = checkpointer.restore(
+        latest, model_target=checkpoint.abstract_state(nnx.state(model)),
+        optimizer_target=checkpoint.abstract_state(nnx.state(optimizer)))
+    nnx.update(model, model_state)
+    nnx.update(optimizer, optimizer_state)
+    cursor = data.cursor_from_json(cursor_item, jax.process_index(), jax.process_count())
+    log.info("resuming at step %d, input epoch %d after %d batches", latest, cursor.epoch, cursor.batches)
+    return latest, cursor
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 def train(config: config_lib.Config) -> TrainResult:
@@ -282,20 +307,11 @@ def train(config: config_lib.Config) -> TrainResult:
     checkpointer = checkpoint.Checkpointer(f"{workdir}/{checkpoint.CHECKPOINT_SUBDIR}",
                                            save_every=config.train.checkpoint_every,
                                            keep=config.train.keep_checkpoints)
-    start_step, cursor = 0, data.InputCursor()
-    latest = checkpointer.latest_step() if config.train.resume else None
-    if latest is not None:
-        _check_same_model(checkpointer.read_config(latest), config, checkpointer.directory)
-        model_state, optimizer_state, cursor_item, _ = checkpointer.restore(
-            latest, model_target=checkpoint.abstract_state(nnx.state(model)),
-            optimizer_target=checkpoint.abstract_state(nnx.state(optimizer)))
-        nnx.update(model, model_state)
-        nnx.update(optimizer, optimizer_state)
-        start_step = latest
-        cursor = data.cursor_from_json(cursor_item, jax.process_index(), jax.process_count())
-        log.info("resuming at step %d, input epoch %d after %d batches", start_step, cursor.epoch, cursor.batches)
-    elif checkpointer.latest_step() is not None:
-        log.warning("--no-resume: ignoring the checkpoints in %s; new ones will replace them", checkpointer.directory)
+    try:
+        start_step, cursor = _restore_or_start(checkpointer, config, model, optimizer)
+    except BaseException:
+        checkpointer.close()
+        raise
 
     # Phase 4: the loop.
     graphdef, state = nnx.split((model, optimizer))
