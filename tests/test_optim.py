@@ -142,3 +142,32 @@ def test_nonfinite_step_is_skipped():
     assert bool(metrics["finite"])
     after = nnx.merge(graphdef, state)[1]
     assert int(after.step[...]) == 1
+
+
+def test_grad_accumulation_matches_full_batch():
+    from etbert_jax import config as config_lib
+    from etbert_jax import sharding, train
+
+    batch = _tiny_batch(np.random.default_rng(2), batch=16)
+    results = {}
+    for accum in (1, 2):
+        config = config_lib.Config(model=TINY, mesh=config_lib.MeshConfig(data=-1),
+                                   optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, grad_accum_steps=accum))
+        mesh = sharding.make_mesh(config.mesh)
+        tx = optim.make_optimizer(config.optim, 10)
+
+        def build():
+            model = heads.PretrainModel(TINY, rngs=nnx.Rngs(0))
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
+        step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
+                                        sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+        with jax.set_mesh(mesh):
+            state, metrics = step_fn(state, batch, jnp.asarray(0, jnp.int32))
+        results[accum] = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                          np.array(nnx.merge(graphdef, state)[0].mbm.transform.kernel[...]))
+
+    assert results[2][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert results[2][1] == pytest.approx(results[1][1], rel=1e-4)
+    np.testing.assert_allclose(results[2][2], results[1][2], rtol=1e-4, atol=1e-6)
