@@ -75,11 +75,16 @@ def test_encoder_restored_from_checkpoint(shards, pretrained):
 
 @pytest.mark.slow
 def test_finetune_writes_consistent_report(shards, pretrained, tmp_path):
-    config, source, result = run_finetune(shards, pretrained, tmp_path / "run", ["finetune.epochs=2"])
+    # A learning rate of 1e-9 leaves the predictions unchanged, so the second validation is no
+    # better than the first and patience 1 stops the run there.
+    overrides = ["finetune.epochs=3", "finetune.early_stopping_patience=1", "optim.learning_rate=1e-9",
+                 "finetune.class_weights=balanced"]
+    config, source, result = run_finetune(shards, pretrained, tmp_path / "run", overrides)
+    steps_per_epoch = source.num_examples["train"] // config.data.global_batch_size
 
-    assert result.reason == "completed"
-    assert result.step == config.train.steps
-    assert result.best_step is not None
+    assert result.reason == "early_stopped"
+    assert result.step == 2 * steps_per_epoch
+    assert result.best_step == steps_per_epoch
     report = tmp_path / "run" / "eval"
     metrics = json.loads((report / "metrics.json").read_text())
     matrix = np.array(json.loads((report / "confusion_matrix.json").read_text())["matrix"])
@@ -91,17 +96,23 @@ def test_finetune_writes_consistent_report(shards, pretrained, tmp_path):
     assert (report / "confusion_matrix.png").stat().st_size > 0
 
     validation = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
-    steps_per_epoch = source.num_examples["train"] // config.data.global_batch_size
-    assert [row["step"] for row in validation] == list(range(steps_per_epoch, config.train.steps + 1,
-                                                             steps_per_epoch))
-    best = max(validation, key=lambda row: (row["valid_macro_f1"], -row["step"]))
-    assert result.best_macro_f1 == pytest.approx(best["valid_macro_f1"])
+    assert [row["step"] for row in validation] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert validation[1]["valid_macro_f1"] == validation[0]["valid_macro_f1"]
+    assert result.best_macro_f1 == pytest.approx(validation[0]["valid_macro_f1"])
 
     model, loaded_config, labels, info = finetune.load_classifier(str(tmp_path / "run"))
     assert labels == list(source.labels)
     assert info["step"] == result.best_step
     assert loaded_config.tokenizer["vocab_sha256"] == source.tokenizer["vocab_sha256"]
     assert loaded_config.data.seq_len == source.seq_len
+
+    # A second run in the same workdir resumes at the stopping point and trains no further.
+    again = finetune.finetune(config, source)
+    assert again.reason == "early_stopped"
+    assert again.step == result.step
+    assert again.best_step == result.best_step
+    assert again.best_macro_f1 == result.best_macro_f1
+    assert len((tmp_path / "run" / "validation.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.slow
@@ -148,6 +159,14 @@ def test_sequence_longer_than_positions_rejected(shards, tmp_path):
     source = finetune_data.open_source(str(shards), "flow")
     with pytest.raises(ValueError, match="up to 96 tokens.*max_positions=64"):
         finetune.resolve_config("tiny", FAST, str(tmp_path / "short"), source, str(tmp_path / "run"))
+
+
+def test_vocab_size_mismatch_rejected(shards, tmp_path):
+    tokenizer = json.loads((shards / "manifest.json").read_text())["tokenizer"]
+    write_pretrain_checkpoint(tmp_path / "wordpiece", tokenizer, extra=["model.vocab_size=60005"])
+    source = finetune_data.open_source(str(shards), "flow")
+    with pytest.raises(ValueError, match="model.vocab_size=60005.*vocab_size=65541"):
+        finetune.resolve_config("tiny", FAST, str(tmp_path / "wordpiece"), source, str(tmp_path / "run"))
 
 
 def test_shape_override_rejected(shards, pretrained, tmp_path):
