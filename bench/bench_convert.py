@@ -13,7 +13,8 @@ least `--min-packets` packets):
 - `scapy-etbert`: ET-BERT's original preprocessing style: `scapy.all.rdpcap` reads the whole file, each
   packet is hex-encoded with `binascii.hexlify(bytes(pkt))`, its first 38 bytes are cut off as ET-BERT's
   fine-tuning does, and its first 128 overlapping 4-hex-character bigrams are joined with spaces.
-  It stops at that text: ET-BERT then still runs UER's WordPiece tokenizer over it, which is not timed.
+  It stops at that text. ET-BERT's `get_feature_packet` also copies each packet before `bytes()` and
+  then runs UER's WordPiece tokenizer over the text, so this reference is faster than ET-BERT's code.
 
 Each method runs `--repeats` times, round-robin, so background load hits all of them alike; the ratios
 use the best run of each. Every file is its own conversion unit, so repeated copies never share
