@@ -380,6 +380,9 @@ def train(config: config_lib.Config) -> TrainResult:
                 try:
                     local_batch = source.next_batch(step)
                 except StopIteration:
+                    # NOTE: with several processes, data.num_epochs needs the same number of batches
+                    # per epoch on every process; a process that stops early leaves the others
+                    # waiting in collectives. Bound long multi-host runs with train.steps instead.
                     reason = "data_exhausted"
                     log.info("stopping at step %d: all %s epochs consumed", step, config.data.num_epochs)
                     break

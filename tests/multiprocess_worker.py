@@ -20,6 +20,9 @@ sys.path.insert(0, str(REPO))
 
 from etbert_jax import distributed  # noqa: E402  (must run before any other JAX import)
 
+# Batch over data x fsdp = 2 x 4, with parameters and optimizer state sharded over fsdp (across processes).
+MESH = ("mesh.data=2", "mesh.fsdp=4")
+
 
 def _fixed_global_batch(shards: str, config) -> dict[str, np.ndarray]:
     """The first global_batch_size examples of the shards in file order, padded and masked with seed 0."""
@@ -67,7 +70,7 @@ def _fixed_batch_losses(args) -> list[float]:
 
     from etbert_jax import checkpoint, data, heads, optim, sharding, train
 
-    config = train.resolve_config("tiny", ["train.steps=10"], args.shards, args.workdir)
+    config = train.resolve_config("tiny", ["train.steps=10", *MESH], args.shards, args.workdir)
     mesh = sharding.make_mesh(config.mesh)
     tx = optim.make_optimizer(config.optim, config.train.steps)
 
@@ -110,11 +113,13 @@ def _run_trainer(args) -> None:
     from etbert_jax import train
 
     workdir = str(pathlib.Path(args.workdir) / "trainer")
-    common = ["train.checkpoint_every=2", "train.log_every=1"]
+    common = ["train.checkpoint_every=2", "train.log_every=1", *MESH]
     first = train.train(train.resolve_config("tiny", common + ["train.steps=2"], args.shards, workdir))
-    assert first.step == 2 and first.reason == "completed", first
+    assert first.step == 2, first
+    assert first.reason == "completed", first
     second = train.train(train.resolve_config("tiny", common + ["train.steps=3"], args.shards, workdir))
-    assert second.step == 3 and second.reason == "completed", second
+    assert second.step == 3, second
+    assert second.reason == "completed", second
 
 
 def main() -> int:

@@ -19,17 +19,19 @@ def _read_jsonl(path):
 
 @pytest.mark.slow
 def test_loss_decreases_on_real_shards(shards, tmp_path):
-    config = train.resolve_config("tiny", ["train.steps=40", "train.log_every=5", "train.checkpoint_every=20",
-                                           "optim.warmup_steps=5"], str(shards), str(tmp_path))
+    # FSDP over the 8 CPU devices shares the optimizer work, which keeps the test fast on CPUs.
+    config = train.resolve_config("tiny", ["train.steps=30", "train.log_every=5", "train.checkpoint_every=15",
+                                           "optim.warmup_steps=3", "optim.learning_rate=2e-3", "mesh.data=1",
+                                           "mesh.fsdp=8"], str(shards), str(tmp_path))
     result = train.train(config)
     assert result.reason == "completed"
-    assert result.step == 40
+    assert result.step == 30
 
     records = _read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert [r["step"] for r in records] == list(range(5, 31, 5))
     assert set(records[0]) == {"step", "loss", "mbm_loss", "sbp_loss", "mbm_accuracy", "sbp_accuracy",
                                "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "mfu"}
-    assert records[-1]["mbm_loss"] < records[0]["mbm_loss"] - 1.0
+    assert records[-1]["mbm_loss"] < records[0]["mbm_loss"] - 0.5
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["tokens_per_s"] > 0
     # CPU devices have no entry in the peak FLOP/s table, so no MFU is claimed.
@@ -37,7 +39,7 @@ def test_loss_decreases_on_real_shards(shards, tmp_path):
 
     assert (tmp_path / "config.yaml").is_file()
     assert any((tmp_path / "tensorboard").iterdir())
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "40"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["15", "30"]
 
 
 def test_config_takes_vocab_and_seq_len_from_manifest(shards, tmp_path):
@@ -76,6 +78,7 @@ def test_missing_or_empty_shards(tmp_path, capsys):
 def test_nonfinite_steps_stop_the_run(shards, tmp_path):
     # A huge learning rate makes the parameters overflow after the first update.
     config = train.resolve_config("tiny", ["train.steps=20", "train.log_every=1", "optim.learning_rate=1e30",
+                                           "mesh.data=1", "mesh.fsdp=8",
                                            "optim.warmup_steps=0", "optim.grad_clip_norm=0",
                                            "train.max_consecutive_nonfinite=2"], str(shards), str(tmp_path))
     with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
