@@ -64,7 +64,7 @@ class MaskingSpec:
     max_predictions: int
     # Vocabulary size; random replacements are drawn from the non-special ids below it.
     vocab_size: int
-    # Special token ids, by name; none of them is ever chosen or used as a replacement.
+    # Special token ids; none of them is ever chosen or used as a replacement.
     special_ids: tuple[int, ...] = tuple(DEFAULT_SPECIAL_IDS.values())
     # Id written at chosen positions 80 % of the time.
     mask_id: int = DEFAULT_SPECIAL_IDS["[MASK]"]
@@ -95,6 +95,7 @@ class InputCursor:
 
 
 def _rng_for(seed: int, step: int, process_index: int) -> np.random.Generator:
+    # The last entry tags the masking stream, so other uses of (seed, step, process) draw other numbers.
     return np.random.default_rng([seed & 0xFFFFFFFF, step, process_index, 0x4D424D])
 
 

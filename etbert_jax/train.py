@@ -243,29 +243,33 @@ def _check_same_model(stored: dict, config: config_lib.Config, directory) -> Non
                          "use another --workdir or pass --no-resume with an empty workdir")
 
 
-def _restore_or_start(checkpointer, config: config_lib.Config, model, optimizer) -> tuple[int, data.InputCursor]:
-    """Restore the newest checkpoint into `model` and `optimizer` when resuming; return (step, input cursor)."""
-    from flax import nnx
-
-    from etbert_jax import checkpoint
-
+def _checkpoint_to_resume(checkpointer, config: config_lib.Config) -> int | None:
+    """Return the step to resume from, or None to start fresh; check the stored model shape first."""
     latest = checkpointer.latest_step()
     if latest is None:
-        return 0, data.InputCursor()
+        return None
     if not config.train.resume:
         # Old and new checkpoints in one directory would make a later resume pick the wrong run.
         raise ValueError(f"--no-resume was given but {checkpointer.directory} already holds checkpoints up to step "
                          f"{latest}: pass a new --workdir, or delete that directory to start over")
-
     _check_same_model(checkpointer.read_config(latest), config, checkpointer.directory)
+    return latest
+
+
+def _restore(checkpointer, step: int, model, optimizer) -> data.InputCursor:
+    """Restore checkpoint `step` into `model` and `optimizer` in place; return this process's input cursor."""
+    from flax import nnx
+
+    from etbert_jax import checkpoint
+
     model_state, optimizer_state, cursor_item, _ = checkpointer.restore(
-        latest, model_target=checkpoint.abstract_state(nnx.state(model)),
+        step, model_target=checkpoint.abstract_state(nnx.state(model)),
         optimizer_target=checkpoint.abstract_state(nnx.state(optimizer)))
     nnx.update(model, model_state)
     nnx.update(optimizer, optimizer_state)
     cursor = data.cursor_from_json(cursor_item, jax.process_index(), jax.process_count())
-    log.info("resuming at step %d, input epoch %d after %d batches", latest, cursor.epoch, cursor.batches)
-    return latest, cursor
+    log.info("resuming at step %d, input epoch %d after %d batches", step, cursor.epoch, cursor.batches)
+    return cursor
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -284,6 +288,14 @@ def train(config: config_lib.Config) -> TrainResult:
     if not config.train.workdir:
         raise ValueError("train.workdir is empty: pass --workdir DIR")
     workdir = config.train.workdir
+    checkpointer = checkpoint.Checkpointer(f"{workdir}/{checkpoint.CHECKPOINT_SUBDIR}",
+                                           save_every=config.train.checkpoint_every,
+                                           keep=config.train.keep_checkpoints)
+    try:
+        resume_step = _checkpoint_to_resume(checkpointer, config)
+    except BaseException:
+        checkpointer.close()
+        raise
     is_primary = distributed.is_primary()
     if is_primary:
         config_lib.save_yaml(config, f"{workdir}/config.yaml")
@@ -304,14 +316,14 @@ def train(config: config_lib.Config) -> TrainResult:
         _log_startup(config, mesh, model, global_batch, batch_shards)
 
     # Phase 3: resume from the newest complete checkpoint.
-    checkpointer = checkpoint.Checkpointer(f"{workdir}/{checkpoint.CHECKPOINT_SUBDIR}",
-                                           save_every=config.train.checkpoint_every,
-                                           keep=config.train.keep_checkpoints)
-    try:
-        start_step, cursor = _restore_or_start(checkpointer, config, model, optimizer)
-    except BaseException:
-        checkpointer.close()
-        raise
+    start_step, cursor = 0, data.InputCursor()
+    if resume_step is not None:
+        try:
+            cursor = _restore(checkpointer, resume_step, model, optimizer)
+        except BaseException:
+            checkpointer.close()
+            raise
+        start_step = resume_step
 
     # Phase 4: the loop.
     graphdef, state = nnx.split((model, optimizer))

@@ -83,3 +83,30 @@ def test_nonfinite_steps_stop_the_run(shards, tmp_path):
                                            "train.max_consecutive_nonfinite=2"], str(shards), str(tmp_path))
     with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
         train.train(config)
+
+
+def _fake_checkpoint(workdir, hidden_size):
+    import jax.numpy as jnp
+
+    from etbert_jax import checkpoint
+    from etbert_jax import config as config_lib
+
+    stored = config_lib.load_config("tiny", [f"model.hidden_size={hidden_size}"])
+    saver = checkpoint.Checkpointer(workdir / "checkpoints", save_every=1, keep=1)
+    saver.save(5, model_state={"w": jnp.zeros(2)}, optimizer_state={"m": jnp.zeros(2)}, cursor={},
+               config=config_lib.config_to_dict(stored), force=True)
+    saver.close()
+
+
+def test_no_resume_with_checkpoints_fails(shards, tmp_path, capsys):
+    _fake_checkpoint(tmp_path, hidden_size=64)
+    code = train.main(["--data", str(shards), "--workdir", str(tmp_path), "--no-resume"])
+    assert code == 2
+    assert "--no-resume was given" in capsys.readouterr().err
+
+
+def test_resume_of_other_model_fails(shards, tmp_path, capsys):
+    _fake_checkpoint(tmp_path, hidden_size=32)
+    code = train.main(["--data", str(shards), "--workdir", str(tmp_path)])
+    assert code == 2
+    assert "hidden_size: 32 -> 64" in capsys.readouterr().err
