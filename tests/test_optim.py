@@ -171,3 +171,33 @@ def test_grad_accumulation_matches_full_batch():
     assert results[2][0] == pytest.approx(results[1][0], rel=1e-5)
     assert results[2][1] == pytest.approx(results[1][1], rel=1e-4)
     np.testing.assert_allclose(results[2][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    import dataclasses
+
+    from etbert_jax import config as config_lib
+    from etbert_jax import sharding, train
+
+    model_config = dataclasses.replace(TINY, compute_dtype="bfloat16")
+    config = config_lib.Config(model=model_config, mesh=config_lib.MeshConfig(data=1, fsdp=8),
+                               optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+    mesh = sharding.make_mesh(config.mesh)
+    tx = optim.make_optimizer(config.optim, 10)
+
+    def build():
+        model = heads.PretrainModel(model_config, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
+    step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
+                                    sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+    with jax.set_mesh(mesh):
+        for step in range(2):
+            state, metrics = step_fn(state, _tiny_batch(np.random.default_rng(step)), jnp.asarray(step, jnp.int32))
+    assert bool(metrics["finite"])
+    assert metrics["loss"].dtype == jnp.float32
+    model, optimizer = nnx.merge(graphdef, state)
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        assert leaf.dtype == jnp.float32
+    assert int(optimizer.step[...]) == 2
