@@ -71,18 +71,26 @@ def _final_params(workdir):
 @pytest.mark.slow
 def test_sigkill_then_resume_is_exact(shards, tmp_path):
     overrides = (f"train.steps={STEPS}", "train.checkpoint_every=3")
-    straight = subprocess.run(_command(shards, tmp_path / "straight", *overrides), env=_env(), cwd=REPO,
-                              capture_output=True, text=True, timeout=900)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    # The uninterrupted run goes on in parallel with the one that gets killed.
+    straight = subprocess.Popen(_command(shards, tmp_path / "straight", *overrides), env=_env(), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(_command(shards, interrupted, *overrides), env=_env(), cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: _complete_steps(interrupted), process, timeout=600, what="the first checkpoint")
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    try:
+        _wait_for(lambda: _complete_steps(interrupted), process, timeout=600, what="the first checkpoint")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        straight_output, _ = straight.communicate(timeout=900)
+    finally:
+        for child in (straight, process):
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert straight.returncode == 0, straight_output[-3000:]
     killed_at = _complete_steps(interrupted)
-    assert killed_at and killed_at[-1] < STEPS, f"the run was not interrupted mid-training: {killed_at}"
+    assert killed_at, "no checkpoint was written before the kill"
+    assert killed_at[-1] < STEPS, f"the run was not interrupted mid-training: {killed_at}"
 
     resumed = subprocess.run(_command(shards, interrupted, *overrides), env=_env(), cwd=REPO,
                              capture_output=True, text=True, timeout=900)
