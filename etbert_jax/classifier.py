@@ -74,21 +74,11 @@ def load_pretrained_encoder(model, init: str, mesh, step: int | None = None) -> 
     """Copy the encoder and pooler of the pre-training checkpoint `init` into `model` (in place)."""
     from flax import nnx
 
-    from etbert_jax import checkpoint, heads, sharding
+    from etbert_jax import checkpoint
 
-    # The restore target is abstract (shapes and shardings only), so the pre-training heads, the
-    # vocabulary-sized MBM decoder included, are read but never allocated beside the classifier.
-    # NOTE: checkpoint.restore_pretrained does the same job but builds `model.PretrainModel`, which
-    # lives in heads.py, so it fails with AttributeError; this path avoids it.
-    stored, chosen = read_stored_config(init, step)
-    directory, _ = checkpoint.resolve_checkpoint_path(init)
-    _, target = sharding.abstract_model(
-        lambda: heads.PretrainModel(stored.model, rngs=nnx.Rngs(stored.train.seed)), mesh)
-    checkpointer = checkpoint.Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False)
-    try:
-        pretrained = checkpointer.restore_model(chosen, model_target=target)
-    finally:
-        checkpointer.close()
+    # The MBM and SBP heads are restored too (restore_pretrained reads the whole model item) but
+    # are dropped here.
+    _, pretrained = checkpoint.restore_pretrained(init, mesh, step=step)
     nnx.update(model.encoder, pretrained["encoder"])
     nnx.update(model.pooler, pretrained["pooler"])
 
