@@ -27,9 +27,9 @@ run, the tracemalloc peak of Python allocations (numpy arrays included). Peak RS
 VmHWM of the child. Streaming conversion keeps both flat as the capture grows.
 
 For the throughput runs `ours-pretrain` groups the BURSTs of the whole workload into the pipeline's
-hash buckets and pairs each bucket, computing what the Beam pipeline computes. The Beam runner holds
-one bucket at a time, but one process holding all buckets grows with the input, so the memory test
-pairs consecutive chunks of `--bucket-size` BURSTs instead.
+hash buckets and pairs each bucket, computing what the Beam pipeline computes. The Beam runner keeps
+one bucket in memory at a time, but one process keeping all buckets grows with the input, so the
+memory test pairs consecutive chunks of `--bucket-size` BURSTs instead.
 
 NOTE: the memory test's chunked pairing draws negatives from nearby sessions only, so its examples
 differ from the pipeline's; it measures memory, not example quality.
