@@ -28,7 +28,8 @@ def build(root: str, data_dir: str, level: str, split: str, settings: convert.Co
     builder = EtbertTraffic(config=level, data_dir=data_dir, root=root, split_policy=split,
                             settings=dataclasses.asdict(settings))
     download_config = tfds.download.DownloadConfig(manual_dir=root,
-                                                   beam_options=options.beam_options(beam_args))
+                                                   beam_options=options.beam_options(beam_args),
+                                                   beam_runner=options.make_runner(beam_args))
     builder.download_and_prepare(download_config=download_config)
     return builder
 

@@ -219,7 +219,7 @@ def run(argv: list[str]) -> dict:
 
     # ---- the pipeline --------------------------------------------------------------------------
     started = time.time()
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = beam.Pipeline(runner=options.make_runner(beam_args), options=pipeline_options)
     build_pipeline(pipeline, job.elements, job.policy, settings, output, args.tsv, summary_path)
     result = manifest.run_to_completion(pipeline)
     elapsed = time.time() - started
@@ -272,8 +272,7 @@ def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # force=True: importing Beam already installed a root handler, which would make this a no-op.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    options.configure_logging()
     run(sys.argv[1:] if argv is None else argv)
     return 0
 

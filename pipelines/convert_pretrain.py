@@ -77,7 +77,7 @@ def run(argv: list[str]) -> dict:
     manifest.remove_stale_shards(output, "train", settings.num_shards)
 
     started = time.time()
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = beam.Pipeline(runner=options.make_runner(beam_args), options=pipeline_options)
     read = (pipeline
             | "CaptureUnits" >> beam.Create(units)
             | "ReadBursts" >> beam.ParDo(transforms.ReadBurstsFn(
@@ -131,8 +131,7 @@ def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # force=True: importing Beam already installed a root handler, which would make this a no-op.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    options.configure_logging()
     run(sys.argv[1:] if argv is None else argv)
     return 0
 

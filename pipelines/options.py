@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import pathlib
 
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineRunner
 
 from etbert_jax.capture.options import HEADER_POLICIES
 from etbert_jax.convert import ConvertSettings
@@ -127,6 +129,39 @@ def beam_options(beam_args: list[str], dask_partitions: int = DEFAULT_DASK_PARTI
 
     _ensure_importable()
     return PipelineOptions(args)
+
+
+def make_runner(beam_args: list[str]) -> PipelineRunner | None:
+    """Return the runner object to pass to `beam.Pipeline`, or None to let Beam pick it by name.
+
+    Beam 2.77's DirectRunner first tries its Prism runner, which downloads a binary from the
+    internet when none is cached, and only then falls back to the FnApiRunner. For `DirectRunner`
+    (or no runner flag) we start the FnApiRunner directly: it is what the fallback would run, it
+    honours `--direct_num_workers` and `--direct_running_mode`, and it needs no download.
+    """
+    if runner_name(beam_args) not in ("", "DirectRunner", "SwitchingDirectRunner"):
+        return None
+
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(PipelineOptions(beam_args).get_all_options())
+    provision = fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=provision)
+
+
+def configure_logging() -> None:
+    """Log our progress at INFO and Beam's own messages at WARNING.
+
+    Beam's runner logs every stage at INFO, which would bury the job's progress lines. Set
+    ETBERT_BEAM_LOG_LEVEL=INFO to see them. NOTE: worker processes of the multi-processing
+    DirectRunner configure their own logging and still print Beam's INFO lines.
+    """
+    # force=True: importing Beam already installed a root handler, which would make this a no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("apache_beam").setLevel(os.environ.get("ETBERT_BEAM_LOG_LEVEL", "WARNING"))
 
 
 def _ensure_importable() -> None:
