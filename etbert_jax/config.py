@@ -362,10 +362,11 @@ SECTIONS: dict[str, type] = {
 # Presets as overrides of the defaults above. configs/<name>.yaml spells out the same values
 # (tests/test_config.py checks that they agree).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # CPU tests and demos: a 2-layer, 64-wide encoder.
+    # CPU tests and demos: a 2-layer, 64-wide encoder. It keeps ET-BERT's 512 positions, so a
+    # tiny pre-training checkpoint can be fine-tuned on flow-level examples (up to 512 tokens).
     "tiny": {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128,
-                  "max_positions": 128},
+                  "max_positions": 512},
         "data": {"seq_len": 128, "global_batch_size": 16, "shuffle_buffer": 1000},
         "optim": {"learning_rate": 1e-3},
         "train": {"steps": 200, "log_every": 10, "checkpoint_every": 100},

@@ -182,8 +182,8 @@ def test_validate_mesh_not_dividing_devices():
 
 
 def test_validate_seq_longer_than_positions():
-    config = config_lib.load_config("tiny", ["data.seq_len=256"])
-    with pytest.raises(ValueError, match="seq_len=256 is longer than the position table model.max_positions=128"):
+    config = config_lib.load_config("tiny", ["data.seq_len=1024"])
+    with pytest.raises(ValueError, match="seq_len=1024 is longer than the position table model.max_positions=512"):
         config_lib.validate(config, num_devices=8)
 
 
@@ -212,7 +212,7 @@ def test_validate_vocab_must_match_manifest():
 
 
 def test_validate_stale_max_predictions():
-    config = config_lib.load_config("tiny", ["model.max_positions=512"])
+    config = config_lib.load_config("tiny")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=512))
     with pytest.raises(ValueError, match="max_predictions=24 is below"):
         config_lib.validate(config, num_devices=8)
