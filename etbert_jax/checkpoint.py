@@ -122,6 +122,12 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(restored["config"])
 
+    def read_cursor(self, step: int | None = None) -> dict:
+        """Return the input-position item stored with step `step` (default: the newest)."""
+        step = self._require_step(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(cursor=ocp.args.JsonRestore()))
+        return dict(restored["cursor"])
+
     def _require_step(self, step: int | None) -> int:
         available = self.all_steps()
         if not available:

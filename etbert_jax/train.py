@@ -5,23 +5,25 @@
 through these phases, in this order:
 
 1. distributed start-up (before any other JAX call), config resolution against the shards'
-   manifest (vocab_size, seq_len and the tokenizer block come from it) and validation against
-   the device and process counts, all before anything compiles;
+   manifest (vocab_size, seq_len and the tokenizer block come from it), validation against
+   the device and process counts, and the checkpoint checks (--no-resume, model shape), all
+   before anything compiles;
 2. mesh, model and optimizer created with parameters born sharded;
-3. restore of the newest checkpoint in WORKDIR/checkpoints when one exists (and --no-resume is
-   not given): parameters, optimizer state, step and input position;
+3. restore of the newest checkpoint in WORKDIR/checkpoints when one exists and resuming is on:
+   parameters, optimizer state, step and input position;
 4. the loop: per-host input -> global batch -> jitted train step, metrics every
    `train.log_every` steps, checkpoints every `train.checkpoint_every` steps and at the end.
 
 The train step is `jax.jit` of a pure function of the (model, optimizer) state with explicit
 input and output shardings and the state donated. A step whose loss or gradient norm is not
-finite leaves parameters and optimizer state unchanged; `train.max_consecutive_nonfinite` such
-steps in a row stop the run with `NonFiniteError`.
+finite leaves parameters and optimizer state unchanged. After `train.max_consecutive_nonfinite`
+such steps in a row the run stops with `NonFiniteError`.
 
 Dropout keys are `fold_in(key(train.seed), step)` and masks depend on (data.seed, step,
 process), so a run resumed from a checkpoint computes exactly what an uninterrupted run would.
 
-On SIGTERM (preemption) the loop saves a checkpoint at the next step boundary and returns.
+On SIGTERM (preemption) the loop saves a checkpoint at the next step boundary and returns. With
+several processes the SIGTERM flags are compared at log steps only (see the NOTE in the loop).
 """
 
 import argparse

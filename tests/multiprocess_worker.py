@@ -1,8 +1,8 @@
 """One process of the multi-process pre-training test (started by tests/test_multiprocess.py).
 
 With --num-processes 2 the process joins a localhost coordinator, then:
-1. runs the real trainer (`train.train`) for two steps with a checkpoint, and again for a third
-   step, which restores that checkpoint across both processes;
+1. runs the real trainer (`train.train`) for two steps, each process reading its own shard
+   files, and saves a checkpoint with both processes' input positions;
 2. trains on one fixed global batch for three steps, saves an orbax checkpoint, restores it into
    fresh arrays and trains one more step, writing the four losses to --out.
 With --num-processes 1 only part 2 runs, as the single-process reference.
@@ -113,13 +113,10 @@ def _run_trainer(args) -> None:
     from etbert_jax import train
 
     workdir = str(pathlib.Path(args.workdir) / "trainer")
-    common = ["train.checkpoint_every=2", "train.log_every=1", *MESH]
-    first = train.train(train.resolve_config("tiny", common + ["train.steps=2"], args.shards, workdir))
-    assert first.step == 2, first
-    assert first.reason == "completed", first
-    second = train.train(train.resolve_config("tiny", common + ["train.steps=3"], args.shards, workdir))
-    assert second.step == 3, second
-    assert second.reason == "completed", second
+    overrides = ["train.steps=2", "train.checkpoint_every=2", "train.log_every=1", *MESH]
+    result = train.train(train.resolve_config("tiny", overrides, args.shards, workdir))
+    assert result.step == 2, result
+    assert result.reason == "completed", result
 
 
 def main() -> int:

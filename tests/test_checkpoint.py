@@ -92,6 +92,7 @@ def test_keep_latest_and_read_config(tmp_path):
     assert reader.all_steps() == [3, 4]
     assert reader.latest_step() == 4
     assert reader.read_config()["model"]["hidden_size"] == 32
+    assert reader.read_cursor(3)["positions"] == [[0, 3]]
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 1"):
         reader.read_config(1)
     reader.close()

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from etbert_jax import checkpoint
 from pretrain_shards import convert_sample_shards
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -69,8 +70,13 @@ def test_two_processes_match_one(sample_captures, tmp_path):
     np.testing.assert_allclose(multi["losses"], reference["losses"], rtol=1e-5)
     assert multi["losses"][-1] < multi["losses"][0]
 
-    # The real trainer ran in both processes: checkpoints 2 and 3, the second after a restore.
-    steps = sorted(p.name for p in (tmp_path / "multi" / "trainer" / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == ["2", "3"]
+    # The real trainer ran in both processes and saved both input positions at step 2.
+    checkpoints = tmp_path / "multi" / "trainer" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2"]
     records = [json.loads(line) for line in (tmp_path / "multi" / "trainer" / "metrics.jsonl").open()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2]
+    reader = checkpoint.Checkpointer(checkpoints, save_every=1, keep=1)
+    cursor = reader.read_cursor(2)
+    reader.close()
+    assert cursor["process_count"] == 2
+    assert cursor["positions"] == [[0, 2], [0, 2]]

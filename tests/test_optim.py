@@ -144,6 +144,7 @@ def test_nonfinite_step_is_skipped():
     assert int(after.step[...]) == 1
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
     from etbert_jax import config as config_lib
     from etbert_jax import sharding, train
@@ -173,6 +174,7 @@ def test_grad_accumulation_matches_full_batch():
     np.testing.assert_allclose(results[2][2], results[1][2], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
     import dataclasses
 
