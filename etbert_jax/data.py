@@ -256,7 +256,7 @@ def hide_accelerators_from_tensorflow() -> None:
         tf.config.set_visible_devices([], "GPU")
         tf.config.set_visible_devices([], "TPU")
     except (RuntimeError, ValueError) as error:
-        # Raised when TensorFlow has already initialized its devices, or knows no TPU device type.
+        # Raised when TensorFlow has already initialized its devices, or has no TPU device type.
         log.debug("could not hide accelerators from TensorFlow: %s", error)
 
 

@@ -30,7 +30,7 @@ _SLURM_ENV_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
 
 @dataclasses.dataclass(frozen=True)
 class DistributedOptions:
-    """How this process joins a multi-process JAX run."""
+    """Settings for joining this process to a multi-process JAX run."""
 
     # host:port of the coordinator (process 0); None means auto-detect or single process.
     coordinator: str | None = None
@@ -131,5 +131,5 @@ def log_topology() -> None:
 
 
 def is_primary() -> bool:
-    """Whether this is process 0, the one that writes logs, TensorBoard and config files."""
+    """Return whether this is process 0, the one that writes logs, TensorBoard and config files."""
     return jax.process_index() == 0

@@ -5,8 +5,8 @@ produces one JSON object in `WORKDIR/metrics.jsonl` with the keys in `JSONL_KEYS
 values as TensorBoard scalars in `WORKDIR/tensorboard/`, and one console line.
 
 Throughput counts padded tokens (global batch x seq_len), because that is what the devices
-compute. MFU is model FLOPs per second divided by the peak of all devices, from flops.py; for a
-device kind without a known peak no MFU is logged (the JSONL value is null).
+compute. MFU is model FLOPs per second divided by the peak of all devices, from flops.py. For a
+device kind without a known peak no MFU is logged, and the JSONL value is null.
 """
 
 import json

@@ -36,7 +36,7 @@ def _path_names(path) -> list[str]:
 
 
 def is_decayed(path) -> bool:
-    """Whether the parameter at a pytree path gets weight decay (kernels and embeddings do)."""
+    """Return whether the parameter at a pytree path gets weight decay (kernels and embeddings do)."""
     names = _path_names(path)
     if not names:
         return True

@@ -252,7 +252,7 @@ def _checkpoint_to_resume(checkpointer, config: config_lib.Config) -> int | None
         return None
     if not config.train.resume:
         # Old and new checkpoints in one directory would make a later resume pick the wrong run.
-        raise ValueError(f"--no-resume was given but {checkpointer.directory} already holds checkpoints up to step "
+        raise ValueError(f"--no-resume was given but {checkpointer.directory} already contains checkpoints up to step "
                          f"{latest}: pass a new --workdir, or delete that directory to start over")
     _check_same_model(checkpointer.read_config(latest), config, checkpointer.directory)
     return latest
@@ -395,8 +395,8 @@ def train(config: config_lib.Config) -> TrainResult:
                     local_batch = source.next_batch(step)
                 except StopIteration:
                     # NOTE: with several processes, data.num_epochs needs the same number of batches
-                    # per epoch on every process; a process that stops early leaves the others
-                    # waiting in collectives. Bound long multi-host runs with train.steps instead.
+                    # per epoch on every process. A process that stops early leaves the others
+                    # waiting in collectives, so bound multi-host runs with train.steps instead.
                     reason = "data_exhausted"
                     log.info("stopping at step %d: all %s epochs consumed", step, config.data.num_epochs)
                     break
@@ -422,7 +422,7 @@ def train(config: config_lib.Config) -> TrainResult:
                     last_record = writer.write(step, values, timer.lap(step))
 
                 # NOTE: with several processes the SIGTERM flags are compared only at log points,
-                # because the comparison is a blocking collective; a single process checks every step.
+                # because the comparison is a blocking collective. A single process checks every step.
                 if jax.process_count() == 1 or step % config.train.log_every == 0:
                     if _any_process(preemption.requested):
                         log.warning("SIGTERM received: saving a checkpoint at step %d and stopping", step)
