@@ -255,6 +255,11 @@ def _checkpoint_to_resume(checkpointer, config: config_lib.Config) -> int | None
         raise ValueError(f"--no-resume was given but {checkpointer.directory} already contains checkpoints up to step "
                          f"{latest}: pass a new --workdir, or delete that directory to start over")
     _check_same_model(checkpointer.read_config(latest), config, checkpointer.directory)
+    if "positions" not in checkpointer.read_cursor(latest):
+        # `etbert import-etbert` writes such checkpoints: weights only, no optimizer state or input position.
+        raise ValueError(f"the checkpoint of step {latest} in {checkpointer.directory} has no input position, so "
+                         "pre-training cannot resume from it (imported weights are for fine-tuning): "
+                         "pass a new --workdir")
     return latest
 
 

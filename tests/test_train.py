@@ -110,3 +110,10 @@ def test_resume_of_other_model_fails(shards, tmp_path, capsys):
     code = train.main(["--data", str(shards), "--workdir", str(tmp_path)])
     assert code == 2
     assert "hidden_size: 32 -> 64" in capsys.readouterr().err
+
+
+def test_resume_without_input_position_fails(shards, tmp_path, capsys):
+    _fake_checkpoint(tmp_path, hidden_size=64)
+    code = train.main(["--data", str(shards), "--workdir", str(tmp_path)])
+    assert code == 2
+    assert "has no input position" in capsys.readouterr().err
