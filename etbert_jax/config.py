@@ -194,7 +194,8 @@ class DataConfig:
     # "span" masks runs of consecutive tokens, so an overlapping bigram's bytes are not visible in its
     # neighbours; "token" masks tokens independently, as BERT and ET-BERT do.
     masking: str = "span"
-    # Span masking draws span lengths from 1..max_span tokens.
+    # Span masking draws span lengths from 2..max_span tokens: a one-token span hides no bytes,
+    # because its neighbours show both.
     max_span: int = 3
     # Static number of masked slots per sequence (M); None picks ceil(seq_len * mask_prob) rounded up
     # to a multiple of 8. Unused slots have weight 0.
