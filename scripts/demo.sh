@@ -10,7 +10,7 @@ set -euo pipefail
 
 OUT="${1:-demo-output}"
 CAPTURES="${DEMO_CAPTURES:-data/sample-captures}"
-PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS:-300}"
+PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS:-150}"
 FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-8}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
