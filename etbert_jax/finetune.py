@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax logs every save step through absl at INFO; keep its warnings and errors only.
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         distributed.initialize(distributed.options_from_args(args))
         level = args.level or config_lib.load_config(args.config, args.overrides).finetune.level or "flow"

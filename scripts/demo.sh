@@ -11,7 +11,7 @@ set -euo pipefail
 OUT="${1:-demo-output}"
 CAPTURES="${DEMO_CAPTURES:-data/sample-captures}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS:-150}"
-FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-8}"
+FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-15}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
@@ -35,7 +35,8 @@ etbert pretrain --config tiny --data "$OUT/pretrain-shards" --workdir "$OUT/pret
 
 banner "3/5 fine-tuning a flow classifier from the pre-training checkpoint"
 etbert finetune --init "$OUT/pretrain" --data "$OUT/finetune-shards" --workdir "$OUT/finetune" \
-    --level flow "finetune.epochs=$FINETUNE_EPOCHS"
+    --level flow "finetune.epochs=$FINETUNE_EPOCHS" finetune.early_stopping_patience=6 \
+    finetune.class_weights=balanced
 
 banner "4/5 evaluating on the test split"
 etbert evaluate --checkpoint "$OUT/finetune" --data "$OUT/finetune-shards" --split test \
@@ -46,7 +47,7 @@ mapfile -t HELD_OUT < <(python - "$OUT/finetune-shards/manifest.json" "$CAPTURES
 import json, pathlib, sys
 manifest = json.loads(pathlib.Path(sys.argv[1]).read_text())
 root = pathlib.Path(sys.argv[2])
-for name in manifest["split"]["files"]["test"]:
+for name in manifest["split"]["files_per_split"]["test"]:
     print(root / name)
 PY
 )
