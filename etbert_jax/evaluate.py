@@ -481,6 +481,8 @@ def main(argv: list[str]) -> int:
     """Run `etbert evaluate`; return 0 on success and 2 on invalid input."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax logs every restore step through absl at INFO; keep its warnings and errors only.
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out_dir=args.out,
                                       level=args.level, global_batch_size=args.batch_size)
