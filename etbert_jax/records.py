@@ -46,8 +46,40 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+# Values below this bound are encoded from a table of precomputed varints, which is built on first use.
+# It covers the token ids of both vocabularies, segment ids, labels and small packet indices.
+_VARINT_TABLE_LIMIT = 1 << 17
+_varint_table: list[bytes] = []
+
+
+def _build_varint_table() -> list[bytes]:
+    """Return the varints of 0 .. _VARINT_TABLE_LIMIT - 1 (one, two or three bytes each)."""
+    one = [bytes((value,)) for value in range(0x80)]
+    two = [bytes(((value & 0x7F) | 0x80, value >> 7)) for value in range(0x80, 1 << 14)]
+    three = [bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+             for value in range(1 << 14, _VARINT_TABLE_LIMIT)]
+    return one + two + three
+
+
 def _varints(values: np.ndarray) -> bytes:
-    """Encode an integer array as concatenated varints, vectorized with numpy."""
+    """Encode an integer array as concatenated varints.
+
+    Arrays whose values all lie in [0, 2**17) are joined from a table; any other array goes through
+    the vectorized numpy encoder. Both give the same bytes.
+    """
+    array = np.asarray(values, dtype=np.int64).reshape(-1)
+    if array.size == 0:
+        return b""
+    if array.min() >= 0 and array.max() < _VARINT_TABLE_LIMIT:
+        if not _varint_table:
+            _varint_table.extend(_build_varint_table())
+        table = _varint_table
+        return b"".join([table[value] for value in array.tolist()])
+    return _varints_numpy(array)
+
+
+def _varints_numpy(values: np.ndarray) -> bytes:
+    """Encode an integer array as concatenated varints, vectorized with numpy (any int64 values)."""
     unsigned = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
     if unsigned.size == 0:
         return b""
@@ -119,12 +151,17 @@ def pretrain_example(input_ids: np.ndarray, segment_ids: np.ndarray, sbp_label: 
     })
 
 
+def _ones_feature(count: int) -> bytes:
+    """Encode an `Int64List` feature of `count` ones; equal to `int64_feature(np.ones(count))`."""
+    return _field(3, _field(1, b"\x01" * count) if count else b"")
+
+
 def finetune_example(input_ids: np.ndarray, label: int, source: str, session: str,
                      packet_index: int) -> bytes:
     """Serialize a fine-tuning example; `packet_index` is -1 for flow-level examples."""
     return encode_example({
         "input_ids": int64_feature(input_ids),
-        "segment_ids": int64_feature(np.ones(len(input_ids), dtype=np.int64)),
+        "segment_ids": _ones_feature(len(input_ids)),
         "label": int64_feature([label]),
         "source": bytes_feature([source]),
         "session": bytes_feature([session]),

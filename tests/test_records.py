@@ -119,3 +119,44 @@ def test_reader_detects_damage():
         list(records.read_tfrecords(io.BytesIO(bytes(framed))))
     with pytest.raises(ValueError, match="truncated"):
         list(records.read_tfrecords(io.BytesIO(records.frame_record(b"hello")[:-3])))
+
+
+def reference_varints(values):
+    """Straightforward scalar encoder, the reference for both paths of `records._varints`."""
+    return b"".join(records._varint(int(v)) for v in np.asarray(values).reshape(-1))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_varints_table_path_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(0, 600))
+    # Only values the table covers, edges included, so the whole array takes the table path.
+    small = rng.integers(0, 1 << 17, size=size)
+    edges = rng.choice(np.array([0, 1, 127, 128, 16383, 16384, (1 << 17) - 1]), size=size)
+    values = np.where(rng.integers(0, 2, size=size) == 0, small, edges)
+    assert records._varints(values) == reference_varints(values)
+    assert records._varints(values) == records._varints_numpy(values)
+    # One value past either end of the table sends the array to the numpy path; the bytes stay equal.
+    for outside in (-1, 1 << 17, 2**63 - 1, -(2**63)):
+        mixed = np.append(values, outside)
+        assert records._varints(mixed) == reference_varints(mixed)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 127, 128, 129, 512, 20000])
+def test_ones_feature_matches_int64_feature(count):
+    assert records._ones_feature(count) == records.int64_feature(np.ones(count, dtype=np.int64))
+
+
+def test_finetune_example_matches_generic_encoding():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        ids = rng.integers(0, 65541, size=int(rng.integers(0, 520)))
+        expected = records.encode_example({
+            "input_ids": records.int64_feature(ids),
+            "segment_ids": records.int64_feature(np.ones(len(ids), dtype=np.int64)),
+            "label": records.int64_feature([3]),
+            "source": records.bytes_feature(["a.pcap"]),
+            "session": records.bytes_feature(["tcp 1.2.3.4:5>6.7.8.9:10"]),
+            "packet_index": records.int64_feature([-1]),
+        })
+        assert records.finetune_example(ids, 3, "a.pcap", "tcp 1.2.3.4:5>6.7.8.9:10", -1) == expected
