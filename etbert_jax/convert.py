@@ -200,6 +200,21 @@ def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSet
     bucket contains no other session it stays positive and counts as `negatives_unavailable`.
     """
     ordered = sorted(bursts, key=lambda item: (stable_hash(item.key), item.key))
+    size = len(ordered)
+    sessions = [item.session for item in ordered]
+
+    # next_other[i] is the first position after i, going round the ring, whose session differs from
+    # position i's, or None when the whole bucket is one session. Two backward passes cover the wrap,
+    # so the search is linear in the bucket size.
+    next_other: list[int | None] = [None] * size
+    for step in range(2 * size - 1, -1, -1):
+        position = step % size
+        following = (position + 1) % size
+        if sessions[following] != sessions[position]:
+            next_other[position] = following
+        else:
+            next_other[position] = next_other[following]
+
     rng = random.Random(f"{settings.seed}:pairs:{bucket}")
     pairs = []
     for position, burst in enumerate(ordered):
@@ -207,18 +222,13 @@ def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSet
             pairs.append((burst, burst.b, 0))
             counts["positives"] += 1
             continue
-        partner = None
-        for step in range(1, len(ordered)):
-            candidate = ordered[(position + step) % len(ordered)]
-            if candidate.session != burst.session:
-                partner = candidate
-                break
+        partner = next_other[position]
         if partner is None:
             pairs.append((burst, burst.b, 0))
             counts["positives"] += 1
             counts["negatives_unavailable"] += 1
         else:
-            pairs.append((burst, partner.b, 1))
+            pairs.append((burst, ordered[partner].b, 1))
             counts["negatives"] += 1
     return pairs
 

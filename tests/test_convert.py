@@ -1,5 +1,6 @@
 """Tests for etbert_jax.convert: BURST halves, SBP pairing, truncation, fine-tuning examples."""
 
+import random
 from collections import Counter
 
 import dpkt
@@ -100,6 +101,55 @@ def test_pair_bucket_ratio_zero():
     bursts = [burst(f"k{i}", session=f"s{i}") for i in range(20)]
     pairs = convert.pair_bucket(bursts, bucket=0, settings=settings, counts=Counter())
     assert {label for _, _, label in pairs} == {0}
+
+
+def reference_pair_bucket(bursts, bucket, settings, counts):
+    """The forward search per negative that `pair_bucket` replaced: the reference pairing."""
+    ordered = sorted(bursts, key=lambda item: (convert.stable_hash(item.key), item.key))
+    rng = random.Random(f"{settings.seed}:pairs:{bucket}")
+    pairs = []
+    for position, item in enumerate(ordered):
+        if rng.random() >= settings.negative_ratio:
+            pairs.append((item, item.b, 0))
+            counts["positives"] += 1
+            continue
+        partner = None
+        for step in range(1, len(ordered)):
+            candidate = ordered[(position + step) % len(ordered)]
+            if candidate.session != item.session:
+                partner = candidate
+                break
+        if partner is None:
+            pairs.append((item, item.b, 0))
+            counts["positives"] += 1
+            counts["negatives_unavailable"] += 1
+        else:
+            pairs.append((item, partner.b, 1))
+            counts["negatives"] += 1
+    return pairs
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pair_bucket_matches_reference(seed):
+    rng = random.Random(seed)
+    size = rng.choice([0, 1, 2, 3, 10, 50, 300])
+    sessions = rng.randint(1, 6)
+    # Every third bucket is dominated by one session, with a few BURSTs of others (or none).
+    dominant = seed % 3 == 0
+    bursts = []
+    for index in range(size):
+        if dominant and rng.random() < 0.95:
+            session = "big"
+        else:
+            session = f"s{rng.randrange(sessions)}"
+        bursts.append(burst(f"{session}#{index:05d}", session=session, b=index.to_bytes(3, "big")))
+    settings = ConvertSettings(negative_ratio=rng.choice([0.0, 0.3, 0.5, 1.0]), seed=seed)
+
+    expected_counts, got_counts = Counter(), Counter()
+    expected = reference_pair_bucket(bursts, seed, settings, expected_counts)
+    got = convert.pair_bucket(bursts, seed, settings, got_counts)
+    assert [(a.key, b, label) for a, b, label in got] == [(a.key, b, label) for a, b, label in expected]
+    assert got_counts == expected_counts
 
 
 def test_burst_halves_from_capture(sample_captures):
