@@ -35,8 +35,14 @@ _CRC_MASK_DELTA = 0xA282EAD8
 
 # ---- protobuf primitives ---------------------------------------------------------------------
 
+# The one-byte varints of 0 .. 127: field tags, short lengths, labels.
+_ONE_BYTE_VARINTS = [bytes((value,)) for value in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
     """Encode one integer as a protobuf varint; negative values take 10 bytes (two's complement)."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
     value &= (1 << 64) - 1
     out = bytearray()
     while value >= 0x80:
@@ -103,7 +109,22 @@ def _varints_numpy(values: np.ndarray) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """Encode a length-delimited field: tag, byte length, payload."""
-    return _varint((number << 3) | _LENGTH_DELIMITED) + _varint(len(payload)) + payload
+    length = len(payload)
+    prefix = _ONE_BYTE_VARINTS[length] if length < 0x80 else _varint(length)
+    return _varint((number << 3) | _LENGTH_DELIMITED) + prefix + payload
+
+
+def _int64_scalar_feature(value: int) -> bytes:
+    """Encode an `Int64List` feature of one value; equal to `int64_feature([value])`."""
+    value = int(value)
+    if not -(1 << 63) <= value < (1 << 63):
+        return int64_feature([value])  # numpy raises the usual OverflowError
+    return _field(3, _field(1, _varint(value)))
+
+
+def _bytes_scalar_feature(value: bytes | str) -> bytes:
+    """Encode a `BytesList` feature of one value; equal to `bytes_feature([value])`."""
+    return _field(1, _field(1, value.encode("utf-8") if isinstance(value, str) else bytes(value)))
 
 
 # ---- features --------------------------------------------------------------------------------
@@ -128,12 +149,23 @@ def bytes_feature(values: Sequence[bytes | str]) -> bytes:
     return _field(1, inner)
 
 
+# Encoded `key` fields of map entries by feature name, filled as names occur.
+_key_fields: dict[str, bytes] = {}
+
+
+def _key_field(name: str) -> bytes:
+    """Return the encoded `key` field of the map entry of feature `name`."""
+    field = _key_fields.get(name)
+    if field is None:
+        field = _field(1, name.encode("utf-8"))
+        if len(_key_fields) < 1024:
+            _key_fields[name] = field
+    return field
+
+
 def encode_example(features: Mapping[str, bytes]) -> bytes:
     """Serialize a `tf.train.Example` from name -> encoded `Feature` (see the *_feature functions)."""
-    entries = b"".join(
-        _field(1, _field(1, name.encode("utf-8")) + _field(2, features[name]))
-        for name in sorted(features)
-    )
+    entries = b"".join([_field(1, _key_field(name) + _field(2, features[name])) for name in sorted(features)])
     return _field(1, entries)
 
 
@@ -147,7 +179,7 @@ def pretrain_example(input_ids: np.ndarray, segment_ids: np.ndarray, sbp_label: 
     return encode_example({
         "input_ids": int64_feature(input_ids),
         "segment_ids": int64_feature(segment_ids),
-        "sbp_label": int64_feature([sbp_label]),
+        "sbp_label": _int64_scalar_feature(sbp_label),
     })
 
 
@@ -162,10 +194,10 @@ def finetune_example(input_ids: np.ndarray, label: int, source: str, session: st
     return encode_example({
         "input_ids": int64_feature(input_ids),
         "segment_ids": _ones_feature(len(input_ids)),
-        "label": int64_feature([label]),
-        "source": bytes_feature([source]),
-        "session": bytes_feature([session]),
-        "packet_index": int64_feature([packet_index]),
+        "label": _int64_scalar_feature(label),
+        "source": _bytes_scalar_feature(source),
+        "session": _bytes_scalar_feature(session),
+        "packet_index": _int64_scalar_feature(packet_index),
     })
 
 

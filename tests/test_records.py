@@ -160,3 +160,32 @@ def test_finetune_example_matches_generic_encoding():
             "packet_index": records.int64_feature([-1]),
         })
         assert records.finetune_example(ids, 3, "a.pcap", "tcp 1.2.3.4:5>6.7.8.9:10", -1) == expected
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16384, 1 << 17, 2**63 - 1, -1, -128, -(2**63), True, np.int64(-5)])
+def test_scalar_features_match_list_features(value):
+    assert records._int64_scalar_feature(value) == records.int64_feature([value])
+    assert records._bytes_scalar_feature(str(value)) == records.bytes_feature([str(value)])
+    assert records._bytes_scalar_feature(str(value).encode()) == records.bytes_feature([str(value).encode()])
+
+
+def test_int64_scalar_feature_rejects_out_of_range():
+    with pytest.raises(OverflowError):
+        records._int64_scalar_feature(2**63)
+
+
+def test_field_matches_scalar_varints():
+    for length in (0, 1, 127, 128, 300, 20000):
+        payload = b"x" * length
+        assert records._field(2, payload) == records._varint(18) + records._varint(length) + payload
+
+
+def test_pretrain_example_matches_generic_encoding():
+    ids = np.array([2, 10, 70000, 1, 12, 1])
+    segments = np.array([1, 1, 1, 2, 2, 2])
+    expected = records.encode_example({
+        "input_ids": records.int64_feature(ids),
+        "segment_ids": records.int64_feature(segments),
+        "sbp_label": records.int64_feature([1]),
+    })
+    assert records.pretrain_example(ids, segments, 1) == expected
