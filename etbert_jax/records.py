@@ -107,11 +107,16 @@ def _varints_numpy(values: np.ndarray) -> bytes:
     return out.tobytes()
 
 
+# Tags of length-delimited fields 0 .. 15, which fit one byte.
+_LENGTH_DELIMITED_TAGS = [_ONE_BYTE_VARINTS[(number << 3) | _LENGTH_DELIMITED] for number in range(16)]
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """Encode a length-delimited field: tag, byte length, payload."""
+    tag = _LENGTH_DELIMITED_TAGS[number] if number < 16 else _varint((number << 3) | _LENGTH_DELIMITED)
     length = len(payload)
     prefix = _ONE_BYTE_VARINTS[length] if length < 0x80 else _varint(length)
-    return _varint((number << 3) | _LENGTH_DELIMITED) + prefix + payload
+    return tag + prefix + payload
 
 
 def _int64_scalar_feature(value: int) -> bytes:

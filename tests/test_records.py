@@ -178,6 +178,8 @@ def test_field_matches_scalar_varints():
     for length in (0, 1, 127, 128, 300, 20000):
         payload = b"x" * length
         assert records._field(2, payload) == records._varint(18) + records._varint(length) + payload
+        assert records._field(15, payload) == records._varint(122) + records._varint(length) + payload
+        assert records._field(16, payload) == records._varint(130) + records._varint(length) + payload
 
 
 def test_pretrain_example_matches_generic_encoding():
