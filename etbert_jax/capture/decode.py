@@ -63,6 +63,11 @@ _MAX_EXTENSION_HEADERS = 16
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+# Header layouts unpacked for every packet, compiled once.
+_IPV4_HEADER = struct.Struct("!BBHHHBB")
+_IPV6_LENGTH_NEXT = struct.Struct("!HB")
+_TCP_HEADER = struct.Struct("!HHIIBB")
+_UDP_HEADER = struct.Struct("!HHH")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -283,7 +288,7 @@ def _from_nflog(data: bytes) -> tuple[int, int, int] | str:
 def _decode_ipv4(data: bytes, ip: int, limit: int, captured_whole: bool) -> Packet | str:
     if ip + 20 > limit:
         return "truncated_ip_header"
-    version_ihl, _, total_len, _, frag, _, proto = struct.unpack_from("!BBHHHBB", data, ip)
+    version_ihl, _, total_len, _, frag, _, proto = _IPV4_HEADER.unpack_from(data, ip)
     header_len = (version_ihl & 0x0F) * 4
     if version_ihl >> 4 != 4 or header_len < 20:
         return "bad_ip_header"
@@ -311,7 +316,7 @@ def _decode_ipv4(data: bytes, ip: int, limit: int, captured_whole: bool) -> Pack
 def _decode_ipv6(data: bytes, ip: int, limit: int, captured_whole: bool) -> Packet | str:
     if ip + 40 > limit:
         return "truncated_ip_header"
-    payload_len, next_header = struct.unpack_from("!HB", data, ip + 4)
+    payload_len, next_header = _IPV6_LENGTH_NEXT.unpack_from(data, ip + 4)
     declared_end = ip + 40 + payload_len if payload_len else limit
     header_end = min(declared_end, limit)
     offset = ip + 40
@@ -377,7 +382,7 @@ def _decode_transport(
             return "bad_tcp_header"
         if l4 + 20 > end:
             return "truncated_tcp_header"
-        sport, dport, seq, ack, offset_byte, flags = struct.unpack_from("!HHIIBB", data, l4)
+        sport, dport, seq, ack, offset_byte, flags = _TCP_HEADER.unpack_from(data, l4)
         header_len = (offset_byte >> 4) * 4
         if header_len < 20 or l4 + header_len > declared_end:
             return "bad_tcp_header"
@@ -389,7 +394,7 @@ def _decode_transport(
             return "bad_udp_length"
         if l4 + 8 > end:
             return "truncated_udp_header"
-        sport, dport, udp_len = struct.unpack_from("!HHH", data, l4)
+        sport, dport, udp_len = _UDP_HEADER.unpack_from(data, l4)
         # A first fragment carries only the start of the datagram, so its UDP length may exceed it.
         if udp_len < 8 or (l4 + udp_len > declared_end and not first_fragment):
             return "bad_udp_length"

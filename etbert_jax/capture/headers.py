@@ -35,6 +35,9 @@ _TCP_OPTION_END = 0
 _TCP_OPTION_NOP = 1
 _TCP_OPTION_TIMESTAMP = 8
 _U32 = struct.Struct("!I")
+_ZEROS_4 = bytes(4)
+_ZEROS_8 = bytes(8)
+_ZEROS_32 = bytes(32)
 
 
 def apply_header_policy(
@@ -86,15 +89,15 @@ def anonymize(data: bytes, packet: Packet, seq_base: tuple[int | None, int | Non
         out[4:6] = b"\0\0"  # identification
         out[8] = 0  # TTL
         out[10:12] = b"\0\0"  # header checksum
-        out[12:20] = bytes(8)  # source and destination address
+        out[12:20] = _ZEROS_8  # source and destination address
     else:
         out[1] &= 0xF0  # low nibble of byte 1 starts the flow label
         out[2:4] = b"\0\0"
         out[7] = 0  # hop limit
-        out[8:40] = bytes(32)  # source and destination address
+        out[8:40] = _ZEROS_32  # source and destination address
 
     l4 = packet.l4_offset - ip
-    out[l4 : l4 + 4] = bytes(4)  # source and destination port
+    out[l4 : l4 + 4] = _ZEROS_4  # source and destination port
     if packet.proto == TCP:
         sender_base, receiver_base = seq_base
         out[l4 + 4 : l4 + 8] = _U32.pack(relative_sequence(packet.seq, sender_base))
@@ -124,5 +127,5 @@ def _zero_tcp_timestamps(out: bytearray, start: int, stop: int) -> None:
             # A malformed option list: the rest cannot be parsed safely, so it stays as captured.
             return
         if kind == _TCP_OPTION_TIMESTAMP and length == 10:
-            out[pos + 2 : pos + 10] = bytes(8)
+            out[pos + 2 : pos + 10] = _ZEROS_8
         pos += length

@@ -263,7 +263,8 @@ class SessionTable:
         sender: Endpoint = (packet.src, packet.sport)
         receiver: Endpoint = (packet.dst, packet.dport)
         key: SessionKey = (packet.proto, *sorted((sender, receiver)))
-        self._now_ns = max(self._now_ns, ts_ns)
+        if ts_ns > self._now_ns:
+            self._now_ns = ts_ns
 
         state = self._live.get(key)
         if state is not None:
@@ -276,7 +277,8 @@ class SessionTable:
 
         session = state.session
         direction = CLIENT_TO_SERVER if sender == session.client else SERVER_TO_CLIENT
-        session.last_ts_ns = max(session.last_ts_ns, ts_ns)
+        if ts_ns > session.last_ts_ns:
+            session.last_ts_ns = ts_ns
         number = session.packets[0] + session.packets[1]
         session.packets[direction] += 1
         session.payload_bytes[direction] += max(packet.wire_payload_len, 0)
