@@ -76,7 +76,8 @@ def _varints(values: np.ndarray) -> bytes:
     array = np.asarray(values, dtype=np.int64).reshape(-1)
     if array.size == 0:
         return b""
-    if array.min() >= 0 and array.max() < _VARINT_TABLE_LIMIT:
+    # Seen as unsigned, negative values are at least 2**63, so one maximum checks both ends.
+    if array.view(np.uint64).max() < _VARINT_TABLE_LIMIT:
         if not _varint_table:
             _varint_table.extend(_build_varint_table())
         table = _varint_table
