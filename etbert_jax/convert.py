@@ -250,9 +250,16 @@ def pretrain_instance(ids_a: np.ndarray, ids_b: np.ndarray, vocab: Vocab,
                       seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (input_ids, segment_ids) of `[CLS] A [SEP] B [SEP]`, at most `seq_len` long."""
     keep_a, keep_b = truncate_pair(len(ids_a), len(ids_b), seq_len - 3)
-    input_ids = np.concatenate([[vocab.cls_id], ids_a[:keep_a], [vocab.sep_id], ids_b[:keep_b], [vocab.sep_id]])
-    segment_ids = np.concatenate([np.ones(keep_a + 2, dtype=np.int64), np.full(keep_b + 1, 2, dtype=np.int64)])
-    return input_ids.astype(np.int64), segment_ids
+    second = keep_a + 2  # position of B's first token
+    input_ids = np.empty(second + keep_b + 1, dtype=np.int64)
+    input_ids[0] = vocab.cls_id
+    input_ids[1:second - 1] = ids_a[:keep_a]
+    input_ids[second - 1] = vocab.sep_id
+    input_ids[second:-1] = ids_b[:keep_b]
+    input_ids[-1] = vocab.sep_id
+    segment_ids = np.full(len(input_ids), 2, dtype=np.int64)
+    segment_ids[:second] = 1
+    return input_ids, segment_ids
 
 
 def pretrain_example_bytes(burst: BurstHalves, b_half: bytes, label: int, vocab: Vocab,

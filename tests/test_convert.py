@@ -287,3 +287,20 @@ def test_tokenizer_block():
     assert block["header_policy"] == "etbert"
     assert block["finetune_offset"] == 38
     assert block["bytes_per_packet"] == 64
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pretrain_instance_matches_concatenation(seed):
+    rng = np.random.default_rng(seed)
+    vocab = Vocab.default()
+    ids_a = rng.integers(5, 65541, size=int(rng.integers(0, 200))).astype(np.int32)
+    ids_b = rng.integers(5, 65541, size=int(rng.integers(0, 200))).astype(np.int32)
+    seq_len = int(rng.choice([5, 6, 64, 128, 512]))
+    keep_a, keep_b = convert.truncate_pair(len(ids_a), len(ids_b), seq_len - 3)
+    expected_ids = np.concatenate([[vocab.cls_id], ids_a[:keep_a], [vocab.sep_id], ids_b[:keep_b], [vocab.sep_id]])
+    expected_segments = np.concatenate([np.ones(keep_a + 2, dtype=np.int64), np.full(keep_b + 1, 2, dtype=np.int64)])
+    input_ids, segment_ids = convert.pretrain_instance(ids_a, ids_b, vocab, seq_len)
+    assert input_ids.dtype == np.int64
+    assert segment_ids.dtype == np.int64
+    assert input_ids.tolist() == expected_ids.astype(np.int64).tolist()
+    assert segment_ids.tolist() == expected_segments.tolist()
