@@ -309,8 +309,11 @@ def packet_tokens(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.nd
 
 def packet_input_ids(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
     """Return `[CLS]` + the first `tokens_per_packet` tokens of a packet, cut to `packet_seq_len`."""
-    ids = np.concatenate([[vocab.cls_id], packet_tokens(data, vocab, settings)])[: settings.packet_seq_len]
-    return ids.astype(np.int64)
+    tokens = packet_tokens(data, vocab, settings)
+    ids = np.empty(min(len(tokens) + 1, settings.packet_seq_len), dtype=np.int64)
+    ids[0] = vocab.cls_id
+    ids[1:] = tokens[: len(ids) - 1]
+    return ids
 
 
 def flow_input_ids(packets: Sequence[bytes], vocab: Vocab, settings: ConvertSettings) -> np.ndarray:

@@ -304,3 +304,15 @@ def test_pretrain_instance_matches_concatenation(seed):
     assert segment_ids.dtype == np.int64
     assert input_ids.tolist() == expected_ids.astype(np.int64).tolist()
     assert segment_ids.tolist() == expected_segments.tolist()
+
+
+@pytest.mark.parametrize("packet_seq_len", [2, 3, 60, 128, 129, 512])
+def test_packet_input_ids_match_concatenation(sample_captures, packet_seq_len):
+    settings = ConvertSettings(packet_seq_len=packet_seq_len)
+    vocab = Vocab.default()
+    for data in frames_of(sample_captures / TLS13)[:40] + [b"", b"\x01", b"\x01\x02"]:
+        tokens = convert.packet_tokens(data, vocab, settings)
+        expected = np.concatenate([[vocab.cls_id], tokens])[:packet_seq_len].astype(np.int64)
+        got = convert.packet_input_ids(data, vocab, settings)
+        assert got.dtype == np.int64
+        assert got.tolist() == expected.tolist()
