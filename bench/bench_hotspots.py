@@ -1,18 +1,16 @@
-"""Two hot spots of the conversion core, each timed against a proposed replacement on the same input.
+"""Two former hot spots of the conversion core, each timed against the code it replaced.
 
-`bench_convert.py --profile` shows where the core spends its time. This script times the two largest
-items against drop-in replacements written here and checks that each replacement returns exactly the
-same output as the current code:
+`bench_convert.py --profile` showed where the core spent its time. `records.py` and `convert.py` have
+since adopted the two replacements first written here. This script times each against the previous
+code on the same input and checks that both return exactly the same output:
 
-1. `records._varints` (packed int64 lists of every example) costs 50-80 us per call on 2 CPU cores,
-   whatever the length, because it runs about 30 numpy operations. Token ids stay below 2**17 in both
-   vocabularies, so a table of the 131,072 precomputed varints plus one `bytes.join` does the same
-   work. Other values fall back to the current function.
-2. `convert.pair_bucket` searches forward for a BURST of another session separately for every
-   negative, which is quadratic when a bucket contains long runs of one session. One backward pass around
-   the ring finds the next other-session BURST for every position at once, so the pairing is linear.
-
-The replacements live only here; adopting them is up to the owners of `records.py` and `convert.py`.
+1. `records._varints` (packed int64 lists of every example) used to run about 30 numpy operations per
+   array whatever its length (`records._varints_numpy`, still the fallback). Token ids stay below
+   2**17 in both vocabularies, so it now joins varints from a table of the 131,072 precomputed ones.
+2. `convert.pair_bucket` used to search forward for a BURST of another session separately for every
+   negative (`pair_bucket_quadratic` below), which is quadratic when a bucket contains long runs of
+   one session. It now finds the next other-session BURST for every position in one backward pass
+   around the ring, so the pairing is linear.
 
 Usage (from the repository root):
     .venv/bin/python bench/bench_hotspots.py --repeats 3
@@ -40,51 +38,12 @@ from etbert_jax.capture import SkipCounter  # noqa: E402
 from etbert_jax.tokenizer import Vocab  # noqa: E402
 
 DEFAULT_CAPTURES = REPO_ROOT / "data" / "sample-captures"
-# Values below this bound are encoded from the table: every token id of both vocabularies (< 65,664),
-# segment ids, labels and small packet indices.
-VARINT_TABLE_LIMIT = 1 << 17
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-VARINT_TABLE = [_varint(value) for value in range(VARINT_TABLE_LIMIT)]
-
-
-def varints_by_table(values: np.ndarray) -> bytes:
-    """Encode an integer array as concatenated protobuf varints (proposed `records._varints`)."""
-    array = np.asarray(values, dtype=np.int64).reshape(-1)
-    if array.size == 0:
-        return b""
-    if array.min() >= 0 and array.max() < VARINT_TABLE_LIMIT:
-        return b"".join([VARINT_TABLE[value] for value in array.tolist()])
-    return records._varints(array)
-
-
-def pair_bucket_linear(bursts: Iterable[convert.BurstHalves], bucket: int, settings: convert.ConvertSettings,
-                       counts: Counter) -> list[tuple[convert.BurstHalves, bytes, int]]:
-    """Build SBP pairs exactly as `convert.pair_bucket` does, in time linear in the bucket size."""
+def pair_bucket_quadratic(bursts: Iterable[convert.BurstHalves], bucket: int, settings: convert.ConvertSettings,
+                          counts: Counter) -> list[tuple[convert.BurstHalves, bytes, int]]:
+    """Build SBP pairs as `convert.pair_bucket` did before: one forward search per negative."""
     ordered = sorted(bursts, key=lambda item: (convert.stable_hash(item.key), item.key))
-    size = len(ordered)
-    sessions = [item.session for item in ordered]
-
-    # next_other[i] is the first position after i, going round the ring, whose session differs from
-    # position i's. It is None when the whole bucket is one session. Two backward passes cover the wrap.
-    next_other: list[int | None] = [None] * size
-    for step in range(2 * size - 1, -1, -1):
-        position = step % size
-        following = (position + 1) % size
-        if sessions[following] != sessions[position]:
-            next_other[position] = following
-        else:
-            next_other[position] = next_other[following]
-
     rng = random.Random(f"{settings.seed}:pairs:{bucket}")
     pairs = []
     for position, burst in enumerate(ordered):
@@ -92,13 +51,18 @@ def pair_bucket_linear(bursts: Iterable[convert.BurstHalves], bucket: int, setti
             pairs.append((burst, burst.b, 0))
             counts["positives"] += 1
             continue
-        partner = next_other[position]
+        partner = None
+        for step in range(1, len(ordered)):
+            candidate = ordered[(position + step) % len(ordered)]
+            if candidate.session != burst.session:
+                partner = candidate
+                break
         if partner is None:
             pairs.append((burst, burst.b, 0))
             counts["positives"] += 1
             counts["negatives_unavailable"] += 1
         else:
-            pairs.append((burst, ordered[partner].b, 1))
+            pairs.append((burst, partner.b, 1))
             counts["negatives"] += 1
     return pairs
 
@@ -119,22 +83,22 @@ def compare_varints(captures: list[pathlib.Path], repeats: int) -> None:
     for path in captures:
         for example in convert.iter_finetune_examples([str(path)], settings, vocab, stats=SkipCounter()):
             arrays.extend([example.input_ids, np.ones(len(example.input_ids), np.int64)])
-    mismatches = sum(records._varints(array) != varints_by_table(array) for array in arrays)
+    mismatches = sum(records._varints_numpy(array) != records._varints(array) for array in arrays)
     if mismatches:
-        raise SystemExit(f"varints_by_table differs from records._varints on {mismatches} arrays")
+        raise SystemExit(f"records._varints differs from records._varints_numpy on {mismatches} arrays")
 
+    previous = _best_time(lambda: [records._varints_numpy(array) for array in arrays], repeats)
     current = _best_time(lambda: [records._varints(array) for array in arrays], repeats)
-    proposed = _best_time(lambda: [varints_by_table(array) for array in arrays], repeats)
     print(f"varints: {len(arrays)} arrays (mean length {np.mean([len(a) for a in arrays]):.0f}), identical output")
-    print(f"  records._varints {1e6 * current / len(arrays):8.1f} us/array; varints_by_table "
-          f"{1e6 * proposed / len(arrays):8.1f} us/array; speed-up {current / proposed:.1f}x")
+    print(f"  records._varints_numpy (previous) {1e6 * previous / len(arrays):8.1f} us/array; records._varints "
+          f"{1e6 * current / len(arrays):8.1f} us/array; speed-up {previous / current:.1f}x")
 
 
 def compare_pairing(captures: list[pathlib.Path], repeats: int, bucket_size: int) -> None:
     """Time both pairing functions on mixed chunks of all BURSTs and on one bucket per capture.
 
     Mixed chunks resemble the pipeline's hash buckets over many captures. One bucket per capture is
-    the worst case: a capture dominated by one session makes the current search quadratic.
+    the worst case: a capture dominated by one session makes the previous search quadratic.
     """
     settings = convert.ConvertSettings()
     per_capture = []
@@ -149,18 +113,18 @@ def compare_pairing(captures: list[pathlib.Path], repeats: int, bucket_size: int
 
     for layout, chunks in layouts.items():
         for bucket, chunk in enumerate(chunks):
-            expected = convert.pair_bucket(chunk, bucket, settings, Counter())
-            got = pair_bucket_linear(chunk, bucket, settings, Counter())
+            expected = pair_bucket_quadratic(chunk, bucket, settings, Counter())
+            got = convert.pair_bucket(chunk, bucket, settings, Counter())
             if [(a.key, b, label) for a, b, label in expected] != [(a.key, b, label) for a, b, label in got]:
-                raise SystemExit(f"pair_bucket_linear differs from convert.pair_bucket ({layout}, bucket {bucket})")
+                raise SystemExit(f"convert.pair_bucket differs from pair_bucket_quadratic ({layout}, bucket {bucket})")
 
+        previous = _best_time(lambda: [pair_bucket_quadratic(c, i, settings, Counter()) for i, c in enumerate(chunks)],
+                              repeats)
         current = _best_time(lambda: [convert.pair_bucket(c, i, settings, Counter()) for i, c in enumerate(chunks)],
                              repeats)
-        proposed = _best_time(lambda: [pair_bucket_linear(c, i, settings, Counter()) for i, c in enumerate(chunks)],
-                              repeats)
         print(f"pairing, {layout}: {len(every)} BURSTs in {len(chunks)} buckets, identical pairs")
-        print(f"  convert.pair_bucket {current:7.3f} s; pair_bucket_linear {proposed:7.3f} s; "
-              f"speed-up {current / proposed:.1f}x")
+        print(f"  pair_bucket_quadratic (previous) {previous:7.3f} s; convert.pair_bucket {current:7.3f} s; "
+              f"speed-up {previous / current:.1f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
