@@ -47,8 +47,15 @@ mapfile -t HELD_OUT < <(python - "$OUT/finetune-shards/manifest.json" "$CAPTURES
 import json, pathlib, sys
 manifest = json.loads(pathlib.Path(sys.argv[1]).read_text())
 root = pathlib.Path(sys.argv[2])
-for name in manifest["split"]["files_per_split"]["test"]:
-    print(root / name)
+files = manifest["split"].get("files_per_split")
+if files is None:
+    # A session split keeps no capture whole on the test side; classify every capture instead.
+    print(f"split policy {manifest['split'].get('policy')}: no capture is held out whole, "
+          "so prediction runs on every capture", file=sys.stderr)
+    print(root)
+else:
+    for name in files["test"]:
+        print(root / name)
 PY
 )
 etbert predict --checkpoint "$OUT/finetune" "${HELD_OUT[@]}" --out "$OUT/predictions.csv"
