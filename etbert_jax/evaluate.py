@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from etbert_jax import logs
+
 logger = logging.getLogger(__name__)
 
 # Split policies written by the fine-tuning conversion, mapped to the leakage they allow.
@@ -480,9 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Run `etbert evaluate`; return 0 on success and 2 on invalid input."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Orbax logs every restore step through absl at INFO; keep its warnings and errors only.
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure("INFO")
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out_dir=args.out,
                                       level=args.level, global_batch_size=args.batch_size)

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etbert_jax import config as config_lib
+from etbert_jax import logs
 from etbert_jax import distributed
 from etbert_jax import finetune_data
 # load_classifier and predict_batches are re-exported for `etbert evaluate` and notebooks.
@@ -460,9 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from etbert_jax.train import NonFiniteError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Orbax logs every save step through absl at INFO; keep its warnings and errors only.
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(args.log_level)
     try:
         distributed.initialize(distributed.options_from_args(args))
         level = args.level or config_lib.load_config(args.config, args.overrides).finetune.level or "flow"

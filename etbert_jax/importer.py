@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from etbert_jax import logs
+
 logger = logging.getLogger(__name__)
 
 # Head size used to guess the head count when `--heads` is not given (BERT's 768 / 12).
@@ -452,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("INFO")
     result = import_etbert(args.weights, args.vocab, args.out, num_heads=args.heads)
     print(f"checkpoint written to {result.out_dir}; unused tensors: {len(result.unused)}")
     return 0

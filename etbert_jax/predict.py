@@ -38,6 +38,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from etbert_jax import logs
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("capture", "protocol", "client", "server", "first_ts", "first_ts_ns", "last_ts", "last_ts_ns",
@@ -289,9 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `etbert predict`; return 0 when at least one file was read, 1 when none was, 2 on bad input."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Orbax logs every restore step through absl at INFO; keep its warnings and errors only.
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(args.log_level)
     kind = "jsonl" if args.out and args.out.endswith(".jsonl") else "csv"
     if args.out and not args.out.endswith((".csv", ".jsonl")):
         print(f"etbert predict: error: --out {args.out} must end in .csv or .jsonl", file=sys.stderr)

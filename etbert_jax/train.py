@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etbert_jax import config as config_lib
+from etbert_jax import logs
 from etbert_jax import data, distributed
 
 log = logging.getLogger(__name__)
@@ -480,9 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `etbert pretrain`; return the exit code (0 done or preempted, 1 training failure, 2 bad input)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Orbax logs every save step through absl at INFO; keep its warnings and errors only.
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(args.log_level)
     try:
         distributed.initialize(distributed.options_from_args(args))
     except ValueError as error:
