@@ -192,7 +192,7 @@ class DataConfig:
     # Fraction of maskable (non-special, non-padding) tokens chosen for MBM, in (0, 1).
     mask_prob: float = 0.15
     # "span" masks runs of consecutive tokens, so an overlapping bigram's bytes are not visible in its
-    # neighbours; "token" masks tokens independently, as BERT and ET-BERT do.
+    # neighbours. "token" masks tokens independently, as BERT and ET-BERT do.
     masking: str = "span"
     # Span masking draws span lengths from 2..max_span tokens: a one-token span hides no bytes,
     # because its neighbours show both.

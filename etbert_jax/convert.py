@@ -273,7 +273,7 @@ def pretrain_example_bytes(burst: BurstHalves, b_half: bytes, label: int, vocab:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneExample:
-    """A fine-tuning example without its label and split."""
+    """Fine-tuning example before its label and split are assigned."""
 
     # "packet" or "flow".
     level: str

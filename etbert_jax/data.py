@@ -58,7 +58,8 @@ class MaskingSpec:
     mask_prob: float
     # "span" (runs of consecutive tokens) or "token" (independent positions).
     masking: str
-    # Longest span in tokens for "span" masking; span lengths are uniform in [min(2, max_span), max_span].
+    # Maximum span length in tokens for "span" masking. Span lengths are uniform in
+    # [min(2, max_span), max_span].
     max_span: int
     # Static number of masked slots per sequence (M); extra choices are dropped.
     max_predictions: int

@@ -27,8 +27,8 @@ Hidden size, layer count, feed-forward size, position and segment rows and vocab
 come from tensor shapes. The head count cannot be read from shapes: it defaults to
 hidden_size / 64 (12 for ET-BERT's 768) and can be set with `--heads`.
 
-A missing tensor or a shape mismatch is an error naming the tensor; tensors the model has
-no place for are listed as unused in the log and in `import_report.json`.
+A missing tensor or a shape mismatch is an error naming the tensor. Tensors the model has no
+place for are listed as unused in the log and in `import_report.json`.
 
 torch is an optional dependency (`pip install etbert-jax[torch]`) imported only here, lazily.
 """
