@@ -238,6 +238,35 @@ class Vocab:
         positions = np.repeat(starts - run_starts, lengths) + np.arange(total)
         return self.pieces[positions]
 
+    def encode_many(self, datas: list[bytes], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize many byte strings at once; return (ids (n, max_tokens) int64, lengths).
+
+        Row i holds `encode(datas[i], max_tokens)[:max_tokens]` in its first `lengths[i]` columns and
+        `[PAD]` after them. With the built-in vocabulary every row is computed by one set of numpy
+        operations over the whole batch.
+        """
+        count = len(datas)
+        if self.kind != "bigram":
+            ids = np.full((count, max_tokens), self.pad_id, dtype=np.int64)
+            lengths = np.zeros(count, dtype=np.int64)
+            for row, data in enumerate(datas):
+                tokens = self.encode(data, max_tokens)[:max_tokens]
+                ids[row, : len(tokens)] = tokens
+                lengths[row] = len(tokens)
+            return ids, lengths
+
+        # Pad every byte string to max_tokens + 1 bytes in one buffer, then form all bigrams at once.
+        width = max_tokens + 1
+        sizes = np.fromiter((len(data) for data in datas), dtype=np.int64, count=count)
+        sizes = np.minimum(sizes, width)
+        padding = (width - sizes).tolist()
+        blob = b"".join([data[:width] + bytes(pad) for data, pad in zip(datas, padding)])
+        raw = np.frombuffer(blob, dtype=np.uint8).reshape(count, width).astype(np.int64)
+        ids = ((raw[:, :-1] << 8) | raw[:, 1:]) + len(SPECIAL_TOKENS)
+        lengths = np.maximum(sizes - 1, 0)
+        ids[np.arange(max_tokens)[None, :] >= lengths[:, None]] = self.pad_id
+        return ids, lengths
+
     def words(self, ids: np.ndarray) -> list[str]:
         """Return the token strings of `ids` (for debugging and TSV output)."""
         return [self.tokens[int(i)] for i in ids]

@@ -25,6 +25,7 @@ from etbert_jax.capture.headers import apply_header_policy
 from etbert_jax.capture.reader import (
     MAX_RECORD_BYTES,
     CaptureFormatError,
+    iter_record_batches,
     iter_records,
 )
 from etbert_jax.capture.sessions import SessionTable
@@ -317,7 +318,7 @@ def test_corrupted_files_never_crash(hard_cases, shared_pcaps):
 
 
 def test_reading_is_streamed(shared_pcaps):
-    """The reader pulls bytes as records are consumed instead of loading the file first."""
+    """The reader pulls bytes batch by batch as records are consumed instead of loading the file first."""
     path = shared_pcaps / "app-alexa" / "ndpi-alexa-app.pcapng"
     size = path.stat().st_size
 
@@ -337,11 +338,10 @@ def test_reading_is_streamed(shared_pcaps):
 
     with open(path, "rb") as handle:
         counter = CountingReader(handle)
-        records = iter_records(io.BufferedReader(counter), "alexa")
-        for _ in range(10):
-            next(records)
+        batches = iter_record_batches(io.BufferedReader(counter), "alexa", max_records=10)
+        assert len(next(batches)) == 10
         assert counter.consumed < 64 * 1024
         assert size > 1_000_000
-        remaining = sum(1 for _ in records)
+        remaining = sum(len(batch) for batch in batches)
     assert remaining + 10 == 3103
     assert counter.consumed == size

@@ -22,6 +22,7 @@ from etbert_jax.capture.sessions import (
     SessionTable,
     collect_sessions,
     format_endpoint,
+    iter_session_event_lists,
     iter_sessions,
 )
 from etbert_jax.capture.stats import SkipCounter
@@ -50,5 +51,6 @@ __all__ = [
     "format_endpoint",
     "iter_packets",
     "iter_records",
+    "iter_session_event_lists",
     "iter_sessions",
 ]

@@ -42,6 +42,9 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import numba
+import numpy as np
+
 from etbert_jax.capture.stats import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -71,7 +74,12 @@ _PCAP_MAGICS = {
 }
 _GZIP_MAGIC = b"\x1f\x8b"
 _NS_PER_S = 1_000_000_000
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _CHUNK = 64 * 1024
+# Bytes of a classic pcap read at once; its records are framed together.
+_BLOCK = 1 << 20
+# Most records in one `RecordBatch`.
+BATCH_RECORDS = 4096
 
 
 class CaptureFormatError(ValueError):
@@ -101,6 +109,59 @@ class Record:
     wire_len: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordBatch:
+    """Consecutive packet records of one capture file, as arrays over one buffer of frames."""
+
+    # The bytes that hold the frames (uint8); frame i is buf[start[i] : start[i] + caplen[i]].
+    buf: np.ndarray
+    # Columns of int64, one entry per record: where its frame starts in `buf`, its captured and wire
+    # lengths, link type, timestamp in nanoseconds, record number and byte offset in the file.
+    start: np.ndarray
+    caplen: np.ndarray
+    wire_len: np.ndarray
+    linktype: np.ndarray
+    ts_ns: np.ndarray
+    index: np.ndarray
+    offset: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def frame(self, row: int) -> bytes:
+        """Return the captured bytes of one record."""
+        start = int(self.start[row])
+        return self.buf[start : start + int(self.caplen[row])].tobytes()
+
+    def record(self, row: int) -> Record:
+        """Return one record as a `Record`."""
+        return Record(int(self.index[row]), int(self.offset[row]), int(self.ts_ns[row]), int(self.linktype[row]),
+                      self.frame(row), int(self.wire_len[row]))
+
+    def take(self, rows: np.ndarray) -> RecordBatch:
+        """Return the batch of the selected rows (a boolean mask or indices); `buf` is shared."""
+        return RecordBatch(self.buf, self.start[rows], self.caplen[rows], self.wire_len[rows],
+                           self.linktype[rows], self.ts_ns[rows], self.index[rows], self.offset[rows])
+
+    @classmethod
+    def from_records(cls, records: list[Record]) -> RecordBatch:
+        """Pack records into one batch; their frames are copied into one buffer."""
+        caplen = np.array([len(record.data) for record in records], dtype=np.int64)
+        start = np.cumsum(caplen) - caplen
+        column = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
+        return cls(
+            buf=np.frombuffer(b"".join([record.data for record in records]), dtype=np.uint8),
+            start=start, caplen=caplen,
+            wire_len=column([record.wire_len for record in records]),
+            linktype=column([record.linktype for record in records]),
+            # NOTE: a pcapng timestamp past the year 2262 (a damaged block) does not fit int64 and is
+            # clamped to the largest value; it still orders after every sane timestamp.
+            ts_ns=column([min(max(record.ts_ns, _INT64_MIN), _INT64_MAX) for record in records]),
+            index=column([record.index for record in records]),
+            offset=column([record.offset for record in records]),
+        )
+
+
 class _Truncated(Exception):
     """The stream ended, or failed to decompress, inside a record."""
 
@@ -112,6 +173,8 @@ class _Stream:
         self.raw = raw
         self.prefix = prefix
         self.pos = 0
+        # A decompression error met while reading ahead, raised by the next read.
+        self.error: _Truncated | None = None
 
     def read(self, n: int) -> bytes:
         """Read up to n bytes; fewer only at the end of the stream."""
@@ -120,10 +183,17 @@ class _Stream:
             out, self.prefix = self.prefix[:n], self.prefix[n:]
             n -= len(out)
         while n > 0:
+            if self.error is not None:
+                if out:
+                    break
+                raise self.error
             try:
                 chunk = self.raw.read(n)
             except (EOFError, OSError, zlib.error) as err:
-                raise _Truncated(str(err)) from err
+                # Bytes read before the error are still good; the error is raised by the next read.
+                self.error = _Truncated(str(err))
+                self.error.__cause__ = err
+                continue
             if not chunk:
                 break
             out += chunk
@@ -155,13 +225,43 @@ def iter_records(
     `name` labels warnings and errors (default: the path). Raises `CaptureFormatError` on the first
     `next()` when the input is not a capture.
     """
+    for batch in iter_record_batches(source, name, stats):
+        for row in range(len(batch)):
+            yield batch.record(row)
+
+
+def iter_record_batches(
+    source: str | os.PathLike | BinaryIO,
+    name: str | None = None,
+    stats: SkipCounter | None = None,
+    max_records: int = BATCH_RECORDS,
+) -> Iterator[RecordBatch]:
+    """Yield the packet records of a capture in file order, in batches of at most `max_records`.
+
+    Same records, counts and warnings as `iter_records`. A batch's buffer may be reused once the
+    next batch is requested, so copy what must outlive it.
+    """
+    if max_records < 1:
+        raise ValueError(f"max_records must be >= 1, got {max_records}")
     stats = stats if stats is not None else SkipCounter()
     label = source_name(source, name)
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as handle:
-            yield from _iter_stream(handle, label, stats)
+            yield from _iter_stream(handle, label, stats, max_records)
     else:
-        yield from _iter_stream(source, label, stats)
+        yield from _iter_stream(source, label, stats, max_records)
+
+
+def _batched(records: Iterator[Record], max_records: int) -> Iterator[RecordBatch]:
+    """Group records into batches of at most `max_records`."""
+    pending: list[Record] = []
+    for record in records:
+        pending.append(record)
+        if len(pending) >= max_records:
+            yield RecordBatch.from_records(pending)
+            pending = []
+    if pending:
+        yield RecordBatch.from_records(pending)
 
 
 def source_name(source: str | os.PathLike | BinaryIO, name: str | None = None) -> str:
@@ -173,7 +273,7 @@ def source_name(source: str | os.PathLike | BinaryIO, name: str | None = None) -
     return str(getattr(source, "name", "<stream>"))
 
 
-def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter) -> Iterator[Record]:
+def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter, max_records: int) -> Iterator[RecordBatch]:
     stream = _Stream(handle)
     magic = stream.read(4)
     if magic[:2] == _GZIP_MAGIC:
@@ -191,9 +291,9 @@ def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter) -> Iterator[Re
     if len(magic) < 4:
         raise CaptureFormatError(name, f"file has only {len(magic)} bytes; a capture header needs at least 24")
     if magic in _PCAP_MAGICS:
-        yield from _iter_pcap(stream, magic, name, stats)
+        yield from _iter_pcap(stream, magic, name, stats, max_records)
     elif struct.unpack("<I", magic)[0] == PCAPNG_SHB:
-        yield from _iter_pcapng(stream, name, stats)
+        yield from _batched(_iter_pcapng(stream, name, stats), max_records)
     else:
         raise CaptureFormatError(
             name,
@@ -238,7 +338,45 @@ class _PrefixedReader(io.RawIOBase):
 # Classic pcap.
 
 
-def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter) -> Iterator[Record]:
+# Results of `_frame_pcap`: it stopped at a record that does not fit in the block, at a record
+# whose captured length is absurd, or because the batch is full.
+_NEED_MORE, _ABSURD, _FULL = 0, 1, 2
+
+
+@numba.njit(cache=True, inline="always")
+def _u32_at(block, pos, big_endian):
+    if big_endian:
+        return (np.int64(block[pos]) << 24) | (np.int64(block[pos + 1]) << 16) | \
+            (np.int64(block[pos + 2]) << 8) | np.int64(block[pos + 3])
+    return (np.int64(block[pos + 3]) << 24) | (np.int64(block[pos + 2]) << 16) | \
+        (np.int64(block[pos + 1]) << 8) | np.int64(block[pos])
+
+
+@numba.njit(cache=True)
+def _frame_pcap(block, pos, big_endian, limit, starts, caplens, wire_lens, seconds, fractions):
+    """Frame the classic pcap records of `block` from `pos`; return (records, next position, why stopped)."""
+    count = 0
+    size = block.shape[0]
+    while count < starts.shape[0]:
+        if pos + 16 > size:
+            return count, pos, _NEED_MORE
+        caplen = _u32_at(block, pos + 8, big_endian)
+        if caplen > limit:
+            return count, pos, _ABSURD
+        if pos + 16 + caplen > size:
+            return count, pos, _NEED_MORE
+        starts[count] = pos + 16
+        caplens[count] = caplen
+        wire_lens[count] = _u32_at(block, pos + 12, big_endian)
+        seconds[count] = _u32_at(block, pos, big_endian)
+        fractions[count] = _u32_at(block, pos + 4, big_endian)
+        count += 1
+        pos += 16 + caplen
+    return count, pos, _FULL
+
+
+def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter,
+               max_records: int) -> Iterator[RecordBatch]:
     order, ns_per_unit = _PCAP_MAGICS[magic]
     try:
         header = stream.read_exact(20)
@@ -247,51 +385,71 @@ def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter) -> 
     _, _, _, _, snaplen, network = struct.unpack(order + "HHiIII", header)
     # The upper bits of the link-type field carry FCS information; only the low 26 bits name the type.
     linktype = network & 0x03FFFFFF
-    record_header = struct.Struct(order + "IIII")
     # A snaplen of 0 means "unknown" in some writers, so only the absolute cap applies then.
     limit = min(MAX_RECORD_BYTES, snaplen + SNAPLEN_SLACK) if snaplen else MAX_RECORD_BYTES
-    index = 0
 
+    # Blocks of the file are framed by the compiled loop. `pending` holds the bytes not framed yet,
+    # starting at file offset `base`; a record cut by the block end waits for the next block.
+    index = 0
+    base = stream.pos
+    pending = b""
+    ended = False
+    failure: _Truncated | None = None
+    columns = [np.empty(max_records, dtype=np.int64) for _ in range(5)]
     while True:
-        offset = stream.pos
-        try:
-            head = stream.read(16)
-        except _Truncated as err:
-            # Only a damaged or cut gzip stream fails here.
+        if not ended and len(pending) < _BLOCK:
+            try:
+                chunk = stream.read(_BLOCK)
+            except _Truncated as err:
+                chunk, failure = b"", err
+            if chunk:
+                pending = pending + chunk if pending else chunk
+            else:
+                ended = True
+
+        block = np.frombuffer(pending, dtype=np.uint8)
+        count, pos, why = _frame_pcap(block, 0, order == ">", limit, *columns)
+        if count:
+            starts, caplens, wire_lens, seconds, fractions = (column[:count].copy() for column in columns)
+            stats.count_read(count)
+            yield RecordBatch(
+                buf=block, start=starts, caplen=caplens, wire_len=wire_lens,
+                linktype=np.full(count, linktype, dtype=np.int64),
+                ts_ns=seconds * _NS_PER_S + fractions * ns_per_unit,
+                index=np.arange(index, index + count, dtype=np.int64),
+                offset=base + starts - 16,
+            )
+            index += count
+        pending = pending[pos:]
+        base += pos
+        where = f"record {index} at byte offset {base}"
+
+        if why == _ABSURD:
+            caplen = struct.unpack_from(order + "I", pending, 8)[0]
             stats.count_read()
             stats.count_skipped(
-                "truncated_record", name, f"record {index} at byte offset {offset}",
-                f"compressed data ends or is damaged ({err})",
-            )
-            return
-        if not head:
-            return
-        stats.count_read()
-        if len(head) < 16:
-            stats.count_skipped(
-                "truncated_record", name, f"record {index} at byte offset {offset}",
-                f"file ends inside the 16-byte record header ({len(head)} bytes present)",
-            )
-            return
-        ts_sec, ts_frac, caplen, wire_len = record_header.unpack(head)
-        if caplen > limit:
-            stats.count_skipped(
-                "absurd_record_length", name, f"record {index} at byte offset {offset}",
+                "absurd_record_length", name, where,
                 f"captured length {caplen} exceeds {limit} (snaplen {snaplen}); "
                 "record boundaries are lost, so the rest of the file is not read",
             )
             return
-        try:
-            data = stream.read_exact(caplen)
-        except _Truncated as err:
-            stats.count_skipped(
-                "truncated_record", name, f"record {index} at byte offset {offset}",
-                f"file ends inside the packet data ({err})",
-            )
+        if why == _FULL or not ended:
+            continue
+        if failure is not None:
+            # Only a damaged or cut gzip stream fails here.
+            stats.count_read()
+            stats.count_skipped("truncated_record", name, where, f"compressed data ends or is damaged ({failure})")
             return
-        ts_ns = ts_sec * _NS_PER_S + ts_frac * ns_per_unit
-        yield Record(index, offset, ts_ns, linktype, data, wire_len)
-        index += 1
+        if not pending:
+            return
+        stats.count_read()
+        if len(pending) < 16:
+            detail = f"file ends inside the 16-byte record header ({len(pending)} bytes present)"
+        else:
+            caplen = struct.unpack_from(order + "I", pending, 8)[0]
+            detail = f"file ends inside the packet data ({caplen - (len(pending) - 16)} of {caplen} bytes missing)"
+        stats.count_skipped("truncated_record", name, where, detail)
+        return
 
 
 # ---------------------------------------------------------------------------------------------------

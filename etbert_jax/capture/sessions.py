@@ -44,10 +44,37 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
-from etbert_jax.capture.decode import ACK, FIN, RST, SYN, TCP, UDP, Packet, iter_packets
-from etbert_jax.capture.headers import apply_header_policy
+import numba
+import numpy as np
+
+from etbert_jax.capture.decode import (
+    ACK,
+    ACK_NUMBER,
+    DPORT,
+    END,
+    FIN,
+    IP_OFFSET,
+    IP_VERSION,
+    L4_OFFSET,
+    NUM_FIELDS,
+    PAYLOAD_OFFSET,
+    PROTO,
+    RST,
+    SEQ,
+    SPORT,
+    SYN,
+    TCP,
+    TCP_FLAGS,
+    TRUNCATED,
+    UDP,
+    WIRE_PAYLOAD_LEN,
+    Packet,
+    PacketBatch,
+    iter_packet_batches,
+)
+from etbert_jax.capture.headers import UNKNOWN_BASE, policy_rows
 from etbert_jax.capture.options import SessionOptions, check_header_policy
-from etbert_jax.capture.reader import CaptureFormatError, iter_records
+from etbert_jax.capture.reader import CaptureFormatError, RecordBatch, iter_records
 from etbert_jax.capture.stats import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -204,6 +231,8 @@ class _State:
     isn: list[int | None] = dataclasses.field(default_factory=lambda: [None, None])
     fin_seen: list[bool] = dataclasses.field(default_factory=lambda: [False, False])
     closing: bool = False
+    # Which endpoint of the packed key is the client: 0 lower, 1 higher, 2 both (same address and port).
+    client_side: int = 0
 
 
 class SessionTable:
@@ -245,10 +274,13 @@ class SessionTable:
         self._idle_ns = options.idle_timeout_ns
         self._active_ns = options.active_timeout_ns
         self._grace_ns = options.closing_grace_ns
-        self._live: dict[SessionKey, _State] = {}
+        # Live sessions by the packed key that `_session_keys` writes.
+        self._live: dict[bytes, _State] = {}
         self._next_index = 0
         self._packets_since_sweep = 0
         self._now_ns = 0
+        # Packets of the batch being added whose policy-applied bytes are still to be computed.
+        self._pending: _PendingBytes | None = None
         # Totals over every session started so far.
         self.sessions_started = 0
         self.bursts_emitted = 0
@@ -259,58 +291,119 @@ class SessionTable:
 
     def add(self, ts_ns: int, packet: Packet, data: bytes, source: str = "", index: int = -1) -> list[Event]:
         """Add one decoded packet; return the events it completes, in order."""
+        return self.add_batch(single_packet_batch(ts_ns, packet, data, index), source)
+
+    def add_batch(self, batch: PacketBatch, source: str = "") -> list[Event]:
+        """Add the packets of a batch in order; return the events they complete, in order."""
+        count = len(batch)
+        if count == 0:
+            return []
+        records, fields = batch.records, batch.fields
+        keys = np.zeros((count, KEY_BYTES), dtype=np.uint8)
+        sides = np.empty(count, dtype=np.int64)
+        _session_keys(records.buf, records.start, fields, keys, sides)
+        # Fixed-width byte strings drop trailing zero bytes, which keeps equal-width keys distinct.
+        key_list = keys.view(f"S{KEY_BYTES}").ravel().tolist()
+        side_list = sides.tolist()
+        ts_list = records.ts_ns.tolist()
+        index_list = records.index.tolist()
+        proto_list = fields[:, PROTO].tolist()
+        flag_list = fields[:, TCP_FLAGS].tolist()
+        seq_list = fields[:, SEQ].tolist()
+        payload_list = np.maximum(fields[:, WIRE_PAYLOAD_LEN], 0).tolist()
+        truncated_list = fields[:, TRUNCATED].tolist()
+
         events: list[Event] = []
-        sender: Endpoint = (packet.src, packet.sport)
-        receiver: Endpoint = (packet.dst, packet.dport)
-        key: SessionKey = (packet.proto, *sorted((sender, receiver)))
-        if ts_ns > self._now_ns:
-            self._now_ns = ts_ns
+        pending = self._pending = _PendingBytes()
+        live = self._live
+        split_on_fin_rst = self.options.split_on_fin_rst
+        sweep_every = self.options.sweep_every_packets
+        keep_burst = self.keep_bytes_burst
+        keep_flow = self.keep_packets_flow if self.keep_bytes_flow > 0 else 0
+        packet_cap = self.max_packets_per_session if self.emit_packets else 0
+        if packet_cap is None:
+            packet_cap = 1 << 62
 
-        state = self._live.get(key)
-        if state is not None:
-            reason = self._end_reason_before(state, ts_ns, packet)
-            if reason:
-                self._finish(key, reason, events)
-                state = None
-        if state is None:
-            state = self._start(key, ts_ns, packet, sender, receiver)
+        for row in range(count):
+            ts_ns = ts_list[row]
+            key = key_list[row]
+            flags = flag_list[row]
+            is_tcp = proto_list[row] == TCP
+            if ts_ns > self._now_ns:
+                self._now_ns = ts_ns
 
-        session = state.session
-        direction = CLIENT_TO_SERVER if sender == session.client else SERVER_TO_CLIENT
-        if ts_ns > session.last_ts_ns:
-            session.last_ts_ns = ts_ns
-        number = session.packets[0] + session.packets[1]
-        session.packets[direction] += 1
-        session.payload_bytes[direction] += max(packet.wire_payload_len, 0)
-        session.truncated_packets += packet.truncated
-        if source and source not in session.sources:
-            session.sources.append(source)
+            state = live.get(key)
+            if state is not None:
+                if state.closing and flags & (SYN | ACK) == SYN:
+                    reason = "new_syn"
+                else:
+                    reason = self._expiry_reason(state, ts_ns)
+                if reason:
+                    self._finish(key, reason, events)
+                    state = None
+            if state is None:
+                state = self._start(key, batch, row, side_list[row])
 
-        if packet.proto == TCP and state.isn[direction] is None:
-            state.isn[direction] = packet.seq
-        wanted = self._bytes_wanted(number)
-        if wanted:
-            seq_base = (state.isn[direction], state.isn[1 - direction])
-            kept = apply_header_policy(self.header_policy, data, packet, seq_base)
-            self._keep(state, direction, number, kept, ts_ns, source, index, events)
+            session = state.session
+            side = side_list[row]
+            direction = CLIENT_TO_SERVER if side == 2 or side == state.client_side else SERVER_TO_CLIENT
+            if ts_ns > session.last_ts_ns:
+                session.last_ts_ns = ts_ns
+            counts = session.packets
+            number = counts[0] + counts[1]
+            counts[direction] += 1
+            session.payload_bytes[direction] += payload_list[row]
+            session.truncated_packets += truncated_list[row]
+            if source and source not in session.sources:
+                session.sources.append(source)
+            isn = state.isn
+            if is_tcp and isn[direction] is None:
+                isn[direction] = seq_list[row]
 
-        if packet.proto == TCP and self.options.split_on_fin_rst:
-            if packet.tcp_flags & RST:
-                state.closing = True
-            if packet.tcp_flags & FIN:
-                state.fin_seen[direction] = True
-                if all(state.fin_seen):
+            if keep_burst or number < keep_flow or number < packet_cap:
+                ref = pending.add(row, isn[direction], isn[1 - direction])
+                index = index_list[row]
+                if number < keep_flow:
+                    session.first_packets.append(ref)
+                    session.first_packet_info.append(PacketInfo(ts_ns, direction, source, index))
+                    pending.touch(session.first_packets, self.keep_bytes_flow)
+                if keep_burst:
+                    if state.burst_packets and state.burst_direction != direction:
+                        self._emit_burst(state, events)
+                    if not state.burst_packets:
+                        state.burst_direction = direction
+                        state.burst_source = source
+                        state.burst_first_ts = ts_ns
+                    state.burst_packets.append(ref)
+                    pending.touch(state.burst_packets, keep_burst)
+                if number < packet_cap:
+                    pending.packet_events.append(len(events))
+                    events.append(_PacketRef(session.key, session.index, direction, number, ref, source, index,
+                                             ts_ns, session.name))
+
+            if is_tcp and split_on_fin_rst:
+                if flags & RST:
                     state.closing = True
+                if flags & FIN:
+                    state.fin_seen[direction] = True
+                    if all(state.fin_seen):
+                        state.closing = True
 
-        self._packets_since_sweep += 1
-        if self._packets_since_sweep >= self.options.sweep_every_packets:
-            events.extend(self.flush_idle(self._now_ns))
+            self._packets_since_sweep += 1
+            if self._packets_since_sweep >= sweep_every:
+                self.flush_idle(self._now_ns, events)
+
+        self._pending = None
+        pending.resolve(self, batch, events)
         return events
 
-    def flush_idle(self, now_ns: int) -> list[Event]:
-        """End sessions that are idle, past their active timeout or closed, as of capture time `now_ns`."""
+    def flush_idle(self, now_ns: int, events: list[Event] | None = None) -> list[Event]:
+        """End sessions that are idle, past their active timeout or closed, as of capture time `now_ns`.
+
+        The events are appended to `events` when given (and returned).
+        """
         self._packets_since_sweep = 0
-        events: list[Event] = []
+        events = events if events is not None else []
         for key in list(self._live):
             reason = self._expiry_reason(self._live[key], now_ns)
             if reason:
@@ -326,23 +419,26 @@ class SessionTable:
 
     # -----------------------------------------------------------------------------------------------
 
-    def _start(self, key: SessionKey, ts_ns: int, packet: Packet, sender: Endpoint, receiver: Endpoint) -> _State:
+    def _start(self, key: bytes, batch: PacketBatch, row: int, side: int) -> _State:
+        """Start a session whose first packet is row `row` of `batch`."""
+        packet = batch.packet(row)
+        sender: Endpoint = (packet.src, packet.sport)
+        receiver: Endpoint = (packet.dst, packet.dport)
         client, server = _pick_client(packet, sender, receiver)
+        if side == 2:
+            client_side = 2
+        else:
+            client_side = side if client == sender else 1 - side
         session = Session(
-            key=key, index=self._next_index, proto=packet.proto, client=client, server=server,
-            first_ts_ns=ts_ns, last_ts_ns=ts_ns,
+            key=(packet.proto, *sorted((sender, receiver))), index=self._next_index, proto=packet.proto,
+            client=client, server=server, first_ts_ns=int(batch.records.ts_ns[row]),
+            last_ts_ns=int(batch.records.ts_ns[row]),
         )
         self._next_index += 1
         self.sessions_started += 1
-        state = _State(session=session)
+        state = _State(session=session, client_side=client_side)
         self._live[key] = state
         return state
-
-    def _end_reason_before(self, state: _State, ts_ns: int, packet: Packet) -> str:
-        """Return why `state` must end before this packet joins it, or "" when it continues."""
-        if state.closing and packet.tcp_flags & (SYN | ACK) == SYN:
-            return "new_syn"
-        return self._expiry_reason(state, ts_ns)
 
     def _expiry_reason(self, state: _State, now_ns: int) -> str:
         session = state.session
@@ -355,64 +451,164 @@ class SessionTable:
             return "active"
         return ""
 
-    def _bytes_wanted(self, number: int) -> bool:
-        if self.keep_bytes_burst > 0:
-            return True
-        if number < self.keep_packets_flow and self.keep_bytes_flow > 0:
-            return True
-        if self.emit_packets:
-            return self.max_packets_per_session is None or number < self.max_packets_per_session
-        return False
-
-    def _keep(
-        self,
-        state: _State,
-        direction: int,
-        number: int,
-        kept: bytes,
-        ts_ns: int,
-        source: str,
-        index: int,
-        events: list[Event],
-    ) -> None:
-        """Store a packet's policy-applied bytes in the session, its BURST and a packet event."""
-        session = state.session
-        if number < self.keep_packets_flow:
-            session.first_packets.append(kept[: self.keep_bytes_flow])
-            session.first_packet_info.append(PacketInfo(ts_ns, direction, source, index))
-
-        if self.keep_bytes_burst > 0:
-            if state.burst_packets and state.burst_direction != direction:
-                self._emit_burst(state, events)
-            if not state.burst_packets:
-                state.burst_direction = direction
-                state.burst_source = source
-                state.burst_first_ts = ts_ns
-            state.burst_packets.append(kept[: self.keep_bytes_burst])
-
-        if self.emit_packets and (self.max_packets_per_session is None or number < self.max_packets_per_session):
-            cut = kept if self.keep_bytes_packet is None else kept[: self.keep_bytes_packet]
-            events.append(PacketBytes(
-                session_key=session.key, session_index=session.index, direction=direction, number=number,
-                data=cut, source=source, index=index, ts_ns=ts_ns, session_name=session.name,
-            ))
-
     def _emit_burst(self, state: _State, events: list[Event]) -> None:
         session = state.session
+        if self._pending is not None:
+            # The list may still hold references to packets of the current batch; `resolve` turns
+            # the event's list into a tuple of bytes.
+            self._pending.burst_events.append(len(events))
+            packets = state.burst_packets
+        else:
+            packets = tuple(state.burst_packets)
         events.append(Burst(
             session_key=session.key, session_index=session.index, direction=state.burst_direction,
-            packets=tuple(state.burst_packets), source=state.burst_source, first_ts_ns=state.burst_first_ts,
+            packets=packets, source=state.burst_source, first_ts_ns=state.burst_first_ts,
         ))
         session.bursts += 1
         self.bursts_emitted += 1
         state.burst_packets = []
 
-    def _finish(self, key: SessionKey, reason: str, events: list[Event]) -> None:
+    def _finish(self, key: bytes, reason: str, events: list[Event]) -> None:
         state = self._live.pop(key)
         if state.burst_packets:
             self._emit_burst(state, events)
         state.session.end_reason = reason
         events.append(SessionEnd(state.session))
+
+
+@dataclasses.dataclass(slots=True)
+class _PacketRef:
+    """A `PacketBytes` event whose bytes are the `ref`-th pending packet of the batch."""
+
+    session_key: SessionKey
+    session_index: int
+    direction: int
+    number: int
+    ref: int
+    source: str
+    index: int
+    ts_ns: int
+    session_name: str
+
+
+class _PendingBytes:
+    """Packets of one batch whose policy-applied bytes are computed together when the batch ends.
+
+    While a batch is added, lists of packet bytes (BURSTs, first packets of sessions) hold an int,
+    the packet's position here, in place of its bytes. `resolve` computes every packet's bytes with
+    one call of the header-policy kernel and puts them in place.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.sender_base: list[int] = []
+        self.receiver_base: list[int] = []
+        # Lists holding references, by id, with the bytes each keeps per packet (None keeps all).
+        self.lists: dict[int, tuple[list, int | None]] = {}
+        # Positions in the event list of `Burst` events with a list of packets and of `_PacketRef`s.
+        self.burst_events: list[int] = []
+        self.packet_events: list[int] = []
+
+    def add(self, row: int, sender_base: int | None, receiver_base: int | None) -> int:
+        """Queue one packet; return its reference."""
+        self.rows.append(row)
+        self.sender_base.append(UNKNOWN_BASE if sender_base is None else sender_base)
+        self.receiver_base.append(UNKNOWN_BASE if receiver_base is None else receiver_base)
+        return len(self.rows) - 1
+
+    def touch(self, items: list, keep: int | None) -> None:
+        """Note that `items` holds references that `resolve` must replace."""
+        self.lists[id(items)] = (items, keep)
+
+    def resolve(self, table: SessionTable, batch: PacketBatch, events: list[Event]) -> None:
+        """Compute the queued packets' bytes and replace every reference with them."""
+        if not self.rows:
+            return
+        keeps = [keep for _, keep in self.lists.values()]
+        if self.packet_events:
+            keeps.append(table.keep_bytes_packet)
+        width = None if None in keeps else max(keeps)
+        out, lengths = policy_rows(
+            table.header_policy, batch, np.array(self.rows, dtype=np.int64),
+            np.array(self.sender_base, dtype=np.int64), np.array(self.receiver_base, dtype=np.int64), width)
+        blob = out.tobytes()
+        row_width = out.shape[1]
+        kept = [blob[j * row_width : j * row_width + length] for j, length in enumerate(lengths.tolist())]
+
+        for items, keep in self.lists.values():
+            items[:] = [(kept[item][:keep] if keep is not None else kept[item]) if item.__class__ is int else item
+                        for item in items]
+        for position in self.burst_events:
+            burst = events[position]
+            events[position] = Burst(burst.session_key, burst.session_index, burst.direction,
+                                     tuple(burst.packets), burst.source, burst.first_ts_ns)
+        keep = table.keep_bytes_packet
+        for position in self.packet_events:
+            ref = events[position]
+            data = kept[ref.ref] if keep is None else kept[ref.ref][:keep]
+            events[position] = PacketBytes(
+                session_key=ref.session_key, session_index=ref.session_index, direction=ref.direction,
+                number=ref.number, data=data, source=ref.source, index=ref.index, ts_ns=ref.ts_ns,
+                session_name=ref.session_name)
+
+
+def single_packet_batch(ts_ns: int, packet: Packet, data: bytes, index: int = -1) -> PacketBatch:
+    """Return a one-packet `PacketBatch` of a decoded packet and its frame."""
+    row = np.zeros((1, NUM_FIELDS), dtype=np.int64)
+    values = {IP_OFFSET: packet.ip_offset, IP_VERSION: packet.ip_version, PROTO: packet.proto,
+              SPORT: packet.sport, DPORT: packet.dport, L4_OFFSET: packet.l4_offset,
+              PAYLOAD_OFFSET: packet.payload_offset, END: packet.end, TCP_FLAGS: packet.tcp_flags,
+              SEQ: packet.seq, ACK_NUMBER: packet.ack, TRUNCATED: int(packet.truncated),
+              WIRE_PAYLOAD_LEN: packet.wire_payload_len}
+    for column, value in values.items():
+        row[0, column] = value
+    one = np.ones(1, dtype=np.int64)
+    records = RecordBatch(
+        buf=np.frombuffer(data, dtype=np.uint8), start=np.zeros(1, dtype=np.int64),
+        caplen=one * len(data), wire_len=one * len(data), linktype=-one, ts_ns=one * ts_ns,
+        index=one * index, offset=-one)
+    return PacketBatch(records, row)
+
+
+# Bytes of a packed session key: IP version, protocol, then the lower and the higher endpoint, each
+# a 16-byte address (IPv4 zero-padded) and a 2-byte port.
+KEY_BYTES = 38
+
+
+@numba.njit(cache=True)
+def _session_keys(buf, starts, fields, keys, sides):
+    """Write each packet's packed session key and which endpoint sent it (0 lower, 1 higher, 2 both)."""
+    for row in range(starts.shape[0]):
+        base = starts[row]
+        ip = fields[row, IP_OFFSET]
+        version = fields[row, IP_VERSION]
+        size = 4 if version == 4 else 16
+        src = base + ip + (12 if version == 4 else 8)
+        dst = src + size
+        sport = fields[row, SPORT]
+        dport = fields[row, DPORT]
+        order = 0
+        for k in range(size):
+            if buf[src + k] != buf[dst + k]:
+                order = -1 if buf[src + k] < buf[dst + k] else 1
+                break
+        if order == 0:
+            order = -1 if sport < dport else (1 if sport > dport else 0)
+        if order <= 0:
+            low, low_port, high, high_port = src, sport, dst, dport
+        else:
+            low, low_port, high, high_port = dst, dport, src, sport
+        key = keys[row]
+        key[0] = version
+        key[1] = fields[row, PROTO]
+        for k in range(size):
+            key[2 + k] = buf[low + k]
+            key[20 + k] = buf[high + k]
+        key[18] = low_port >> 8
+        key[19] = low_port & 0xFF
+        key[36] = high_port >> 8
+        key[37] = high_port & 0xFF
+        sides[row] = 0 if order < 0 else (1 if order > 0 else 2)
 
 
 def _pick_client(packet: Packet, sender: Endpoint, receiver: Endpoint) -> tuple[Endpoint, Endpoint]:
@@ -449,6 +645,22 @@ def iter_sessions(
     capture raises `reader.CaptureFormatError`, unless `on_format_error(name, error)` is given: then it
     is called and the file is left out.
     """
+    for events in iter_session_event_lists(paths, options, header_policy, stats, names, sort_by_first_timestamp,
+                                           on_format_error, **table_args):
+        yield from events
+
+
+def iter_session_event_lists(
+    paths: Iterable[str | os.PathLike],
+    options: SessionOptions = SessionOptions(),
+    header_policy: str = "anonymize",
+    stats: SkipCounter | None = None,
+    names: Iterable[str] | None = None,
+    sort_by_first_timestamp: bool = True,
+    on_format_error: Callable[[str, CaptureFormatError], None] | None = None,
+    **table_args,
+) -> Iterator[list[Event]]:
+    """Yield the events of `iter_sessions`, in the same order, as one list per batch of packets."""
     stats = stats if stats is not None else SkipCounter()
     table = SessionTable(options, header_policy, **table_args)
     paths = list(paths)
@@ -463,14 +675,16 @@ def iter_sessions(
 
     for path, label in files:
         try:
-            for record, packet in iter_packets(path, label, stats):
-                yield from table.add(record.ts_ns, packet, record.data, label, record.index)
+            for batch in iter_packet_batches(path, label, stats):
+                events = table.add_batch(batch, label)
+                if events:
+                    yield events
         except CaptureFormatError as err:
             if on_format_error is None:
                 raise
             logger.warning("%s: not a readable capture, left out: %s", label, err.reason)
             on_format_error(label, err)
-    yield from table.close_all()
+    yield table.close_all()
 
 
 def _first_timestamp(path: str | os.PathLike) -> int | None:
