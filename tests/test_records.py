@@ -194,3 +194,200 @@ def test_pretrain_example_matches_generic_encoding():
         "sbp_label": records.int64_feature([1]),
     })
     assert records.pretrain_example(ids, segments, 1) == expected
+
+
+# ---- batched encoders ------------------------------------------------------------------------
+
+def random_text(rng, size):
+    """Return a string of `size` characters mixing ASCII, two-, three- and four-byte UTF-8."""
+    alphabet = np.array(list("abc:>. 019") + ["é", "ß", "→", "流", "😀"])
+    return "".join(rng.choice(alphabet, size=size))
+
+
+def random_string_list(rng, count):
+    """Return strings for a batch: empty, short, past 127 bytes, one long, one repeated, one `bytes` value."""
+    sizes = rng.choice(np.array([0, 1, 20, 40, 130, 300]), size=count)
+    values = [random_text(rng, int(size)) for size in sizes]
+    if count:
+        # 12000 characters are 12000 to 48000 bytes, so the length varints take two or three bytes.
+        values[int(rng.integers(0, count))] = random_text(rng, 12000)
+        values[int(rng.integers(0, count))] = b"raw\xff bytes"
+        values[int(rng.integers(0, count))] = values[0]
+    return values
+
+
+def random_batch(rng, count, max_len):
+    """Return padded ids and lengths: every varint size, zero-length and full rows, junk padding."""
+    ids = random_int64s(rng, (count, max_len))
+    lengths = rng.integers(0, max_len + 1, size=count)
+    if count >= 2:
+        lengths[0], lengths[-1] = 0, max_len
+    return ids, lengths
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_finetune_examples_match_per_example(seed):
+    rng = np.random.default_rng(seed)
+    count, max_len = int(rng.integers(0, 40)), int(rng.integers(0, 300))
+    ids, lengths = random_batch(rng, count, max_len)
+    labels, packet_indices = random_int64s(rng, count), random_int64s(rng, count)
+    sources, sessions = random_string_list(rng, count), random_string_list(rng, count)
+
+    got = records.finetune_examples(ids, lengths, labels, sources, sessions, packet_indices)
+
+    assert len(got) == count
+    for row in range(count):
+        expected = records.finetune_example(ids[row, :lengths[row]], labels[row], sources[row], sessions[row],
+                                            packet_indices[row])
+        assert got[row] == expected, f"row {row} of seed {seed}"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pretrain_examples_match_per_example(seed):
+    rng = np.random.default_rng(100 + seed)
+    count, max_len = int(rng.integers(0, 40)), int(rng.integers(0, 300))
+    ids, lengths = random_batch(rng, count, max_len)
+    segment_ids = random_int64s(rng, (count, max_len))
+    labels = random_int64s(rng, count)
+
+    got = records.pretrain_examples(ids, lengths, segment_ids, labels)
+
+    assert len(got) == count
+    for row in range(count):
+        expected = records.pretrain_example(ids[row, :lengths[row]], segment_ids[row, :lengths[row]], labels[row])
+        assert got[row] == expected, f"row {row} of seed {seed}"
+
+
+def test_batches_of_default_vocabulary_ids():
+    # The common case: ids below 65541, segments 1 and 2, non-negative labels, one source per batch.
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 65541, size=(300, 128))
+    lengths = rng.integers(2, 129, size=300)
+    segment_ids = np.where(np.arange(128) < lengths[:, None] // 2, 1, 2)
+    labels = rng.integers(0, 2, size=300)
+
+    pretrain = records.pretrain_examples(ids, lengths, segment_ids, labels)
+    finetune = records.finetune_examples(ids, lengths, labels, ["tls/a.pcap"] * 300,
+                                         [f"tcp 10.0.0.1:{port}>10.0.0.2:443" for port in range(300)],
+                                         np.full(300, -1))
+
+    for row in range(300):
+        valid = slice(0, lengths[row])
+        assert pretrain[row] == records.pretrain_example(ids[row, valid], segment_ids[row, valid], labels[row])
+        assert finetune[row] == records.finetune_example(ids[row, valid], labels[row], "tls/a.pcap",
+                                                         f"tcp 10.0.0.1:{row}>10.0.0.2:443", -1)
+
+
+def test_batches_with_long_rows():
+    # 20000 three-byte ids make a 60000-byte payload, whose length takes a three-byte varint.
+    ids = np.full((2, 20000), 70000, dtype=np.int64)
+    lengths = np.array([20000, 19999])
+    segments = np.ones_like(ids)
+
+    finetune = records.finetune_examples(ids, lengths, [1, 2], ["s" * 200, "t"], ["u", "v" * 20000], [0, 1])
+    pretrain = records.pretrain_examples(ids, lengths, segments, [0, 1])
+
+    for row in range(2):
+        valid = slice(0, lengths[row])
+        assert finetune[row] == records.finetune_example(ids[row, valid], row + 1, ["s" * 200, "t"][row],
+                                                         ["u", "v" * 20000][row], row)
+        assert pretrain[row] == records.pretrain_example(ids[row, valid], segments[row, valid], row)
+
+
+def test_batches_accept_views_and_other_dtypes():
+    rng = np.random.default_rng(9)
+    wide = rng.integers(0, 1 << 17, size=(8, 40)).astype(np.int32)
+    ids = wide[::2, ::2]  # strided int32 view, converted to contiguous int64
+    lengths = [20, 0, 5, 19]
+    labels = [True, 3, np.int64(-7), 2**63 - 1]
+
+    finetune = records.finetune_examples(ids, lengths, labels, ["a", "b", "c", "d"], ["e", "f", "g", "h"],
+                                         (-1, 0, 1, 2))
+    pretrain = records.pretrain_examples(ids, lengths, ids % 3, labels)
+
+    for row in range(4):
+        valid = ids[row, :lengths[row]]
+        assert finetune[row] == records.finetune_example(valid, labels[row], "abcd"[row], "efgh"[row], row - 1)
+        assert pretrain[row] == records.pretrain_example(valid, valid % 3, labels[row])
+
+
+def test_empty_batches():
+    empty = np.zeros((0, 7), dtype=np.int64)
+    assert records.finetune_examples(empty, np.zeros(0), [], [], [], []) == []
+    assert records.pretrain_examples(empty, np.zeros(0), empty, []) == []
+    no_columns = np.zeros((3, 0), dtype=np.int64)
+    assert records.pretrain_examples(no_columns, [0, 0, 0], no_columns, [0, 1, 2]) == [
+        records.pretrain_example(np.zeros(0), np.zeros(0), label) for label in range(3)]
+
+
+@pytest.mark.parametrize("lengths", [[1, 6], [-1, 0]])
+def test_batches_reject_lengths_outside_rows(lengths):
+    ids = np.zeros((2, 5), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"lengths\[\d\]"):
+        records.finetune_examples(ids, lengths, [0, 0], ["a", "b"], ["c", "d"], [0, 0])
+    with pytest.raises(ValueError, match=r"lengths\[\d\]"):
+        records.pretrain_examples(ids, lengths, ids, [0, 0])
+
+
+def test_batches_reject_inconsistent_shapes():
+    ids = np.zeros((2, 5), dtype=np.int64)
+    with pytest.raises(ValueError, match="2-D"):
+        records.pretrain_examples(np.zeros(5), [5], np.zeros(5), [0])
+    with pytest.raises(ValueError, match="lengths"):
+        records.pretrain_examples(ids, [1, 2, 3], ids, [0, 0])
+    with pytest.raises(ValueError, match="segment_ids"):
+        records.pretrain_examples(ids, [1, 2], ids[:, :4], [0, 0])
+    with pytest.raises(ValueError, match="sbp_labels"):
+        records.pretrain_examples(ids, [1, 2], ids, [0])
+    with pytest.raises(ValueError, match="sources"):
+        records.finetune_examples(ids, [1, 2], [0, 0], ["a"], ["c", "d"], [0, 0])
+    with pytest.raises(ValueError, match="packet_indices"):
+        records.finetune_examples(ids, [1, 2], [0, 0], ["a", "b"], ["c", "d"], [0, 0, 0])
+
+
+def test_batches_reject_labels_outside_int64():
+    ids = np.zeros((1, 1), dtype=np.int64)
+    with pytest.raises(OverflowError):
+        records.finetune_examples(ids, [1], [2**63], ["a"], ["b"], [0])
+
+
+def test_finetune_batch_parses_in_tf():
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 65541, size=(16, 60))
+    lengths = rng.integers(0, 61, size=16)
+    labels = rng.integers(-1, 5, size=16)
+    sources = [f"captures/{random_text(rng, 3)}.pcap" for _ in range(16)]
+    sessions = [random_text(rng, 150) for _ in range(16)]
+    packet_indices = rng.integers(-1, 100, size=16)
+
+    batch = records.finetune_examples(ids, lengths, labels, sources, sessions, packet_indices)
+    parsed = tf.io.parse_example(batch, records.finetune_feature_spec())
+
+    for name in ("input_ids", "segment_ids"):
+        rows = tf.RaggedTensor.from_sparse(parsed[name]).to_list()
+        assert [len(row) for row in rows] == lengths.tolist()
+        for row in range(16):
+            expected = ids[row, :lengths[row]] if name == "input_ids" else np.ones(lengths[row])
+            assert rows[row] == expected.tolist()
+    assert parsed["label"].numpy().tolist() == labels.tolist()
+    assert parsed["packet_index"].numpy().tolist() == packet_indices.tolist()
+    assert [value.decode() for value in parsed["source"].numpy()] == sources
+    assert [value.decode() for value in parsed["session"].numpy()] == sessions
+
+
+def test_pretrain_batch_parses_in_tf():
+    rng = np.random.default_rng(12)
+    ids = rng.integers(0, 65541, size=(16, 130))
+    lengths = rng.integers(3, 131, size=16)
+    segment_ids = np.where(np.arange(130) < lengths[:, None] // 2, 1, 2)
+    labels = rng.integers(0, 2, size=16)
+
+    parsed = tf.io.parse_example(records.pretrain_examples(ids, lengths, segment_ids, labels),
+                                 records.pretrain_feature_spec())
+
+    input_rows = tf.RaggedTensor.from_sparse(parsed["input_ids"]).to_list()
+    segment_rows = tf.RaggedTensor.from_sparse(parsed["segment_ids"]).to_list()
+    for row in range(16):
+        assert input_rows[row] == ids[row, :lengths[row]].tolist()
+        assert segment_rows[row] == segment_ids[row, :lengths[row]].tolist()
+    assert parsed["sbp_label"].numpy().tolist() == labels.tolist()
