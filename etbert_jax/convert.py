@@ -46,6 +46,7 @@ from etbert_jax.capture import (
     SessionOptions,
     SkipCounter,
     check_header_policy,
+    iter_session_event_lists,
     iter_sessions,
 )
 from etbert_jax.tokenizer import Vocab, bigram_words
@@ -140,7 +141,7 @@ def stable_hash(text: str) -> int:
 
 # ---- pre-training ------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class BurstHalves:
     """The two sub-BURSTs of one BURST and where it came from."""
 
@@ -152,6 +153,17 @@ class BurstHalves:
     a: bytes
     # Remaining floor(n / 2) bytes.
     b: bytes
+    # `stable_hash(key)`: picks the BURST's pairing bucket and its place in the bucket. Computed from
+    # `key` when not given.
+    digest: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.digest is None:
+            self.digest = stable_hash(self.key)
+
+    def bucket(self, buckets: int) -> int:
+        """Return the pairing bucket of this BURST among `buckets`."""
+        return self.digest % buckets
 
 
 def split_burst(data: bytes) -> tuple[bytes, bytes]:
@@ -168,38 +180,41 @@ def iter_burst_halves(paths: Sequence[str], names: Sequence[str], unit: str, set
 
     `counts` receives `sessions`, `bursts` and `bursts_too_short`; `stats` the packet accounting.
     """
-    events = iter_sessions(paths, settings.session_options, settings.header_policy, stats=stats,
-                           names=names, on_format_error=on_format_error,
-                           keep_bytes_burst=settings.bytes_per_packet, keep_packets_flow=0, keep_bytes_flow=0)
-    burst_numbers: Counter = Counter()
-    for event in events:
-        if isinstance(event, SessionEnd):
-            counts["sessions"] += 1
-            continue
-        if not isinstance(event, Burst):
-            continue
-        counts["bursts"] += 1
-        number = burst_numbers[event.session_index]
-        burst_numbers[event.session_index] += 1
-        data = b"".join(event.packets)
-        if len(data) < 4:
-            counts["bursts_too_short"] += 1
-            continue
-        a, b = split_burst(data)
-        session = f"{unit}#{event.session_index:09d}"
-        yield BurstHalves(key=f"{session}#{number:09d}", session=session, a=a, b=b)
+    event_lists = iter_session_event_lists(
+        paths, settings.session_options, settings.header_policy, stats=stats, names=names,
+        on_format_error=on_format_error, keep_bytes_burst=settings.bytes_per_packet, keep_packets_flow=0,
+        keep_bytes_flow=0)
+    for events in event_lists:
+        sessions = bursts = too_short = 0
+        for event in events:
+            if event.__class__ is SessionEnd:
+                sessions += 1
+                continue
+            if event.__class__ is not Burst:
+                continue
+            bursts += 1
+            data = b"".join(event.packets)
+            if len(data) < 4:
+                too_short += 1
+                continue
+            a, b = split_burst(data)
+            session = f"{unit}#{event.session_index:09d}"
+            yield BurstHalves(f"{session}#{event.number:09d}", session, a, b)
+        counts["sessions"] += sessions
+        counts["bursts"] += bursts
+        counts["bursts_too_short"] += too_short
 
 
 def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSettings,
                 counts: Counter) -> list[tuple[BurstHalves, bytes, int]]:
     """Build SBP pairs inside one bucket: return (BURST, B half, sbp_label) per BURST.
 
-    BURSTs are ordered by a hash of their key, so neighbours come from unrelated captures. With a RNG
+    BURSTs are ordered by their digest (a hash of their key), so neighbours come from unrelated captures. With a RNG
     seeded by (seed, bucket), a fraction `negative_ratio` is chosen for negatives. A chosen BURST takes
     the B half of the next BURST in that order (wrapping around) from a different session. When the
     bucket contains no other session it stays positive and counts as `negatives_unavailable`.
     """
-    ordered = sorted(bursts, key=lambda item: (stable_hash(item.key), item.key))
+    ordered = sorted(bursts, key=lambda item: (item.digest, item.key))
     size = len(ordered)
     sessions = [item.session for item in ordered]
 
@@ -265,13 +280,82 @@ def pretrain_instance(ids_a: np.ndarray, ids_b: np.ndarray, vocab: Vocab,
 def pretrain_example_bytes(burst: BurstHalves, b_half: bytes, label: int, vocab: Vocab,
                            settings: ConvertSettings) -> bytes:
     """Tokenize one SBP pair and serialize it as a pre-training `tf.train.Example`."""
-    input_ids, segment_ids = pretrain_instance(vocab.encode(burst.a), vocab.encode(b_half), vocab, settings.seq_len)
-    return records.pretrain_example(input_ids, segment_ids, label)
+    return pretrain_examples_bytes([(burst, b_half, label)], vocab, settings)[0]
+
+
+def truncate_pairs(length_a: np.ndarray, length_b: np.ndarray, max_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorized `truncate_pair` over arrays of lengths."""
+    excess = length_a + length_b - max_total
+    gap = np.abs(length_a - length_b)
+    equal = np.minimum(length_a, length_b)
+    rest = excess - gap
+    a_longer = length_a > length_b
+    keep_a = np.where(excess <= 0, length_a,
+                      np.where(excess <= gap, np.where(a_longer, length_a - excess, length_a), equal - rest // 2))
+    keep_b = np.where(excess <= 0, length_b,
+                      np.where(excess <= gap, np.where(a_longer, length_b, length_b - excess),
+                               equal - (rest + 1) // 2))
+    return keep_a, keep_b
+
+
+def pretrain_instances(pairs: Sequence[tuple[BurstHalves, bytes, int]], vocab: Vocab,
+                       seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (input_ids, segment_ids, lengths) of many SBP pairs, one padded row each.
+
+    Row i equals `pretrain_instance(vocab.encode(a_i), vocab.encode(b_i), vocab, seq_len)` in its first
+    `lengths[i]` columns.
+    """
+    count = len(pairs)
+    if vocab.kind != "bigram":
+        # A WordPiece bigram may expand to several pieces, so each half's full length needs its own pass.
+        input_ids = np.full((count, seq_len), vocab.pad_id, dtype=np.int64)
+        segment_ids = np.zeros((count, seq_len), dtype=np.int64)
+        lengths = np.zeros(count, dtype=np.int64)
+        for row, (burst, b_half, _) in enumerate(pairs):
+            ids, segments = pretrain_instance(vocab.encode(burst.a), vocab.encode(b_half), vocab, seq_len)
+            input_ids[row, : len(ids)], segment_ids[row, : len(ids)], lengths[row] = ids, segments, len(ids)
+        return input_ids, segment_ids, lengths
+
+    # With one id per bigram, a half of n bytes has n - 1 tokens, and only the first seq_len - 3 can stay.
+    room = seq_len - 3
+    a_halves = [burst.a for burst, _, _ in pairs]
+    b_halves = [b_half for _, b_half, _ in pairs]
+    ids_a, _ = vocab.encode_many(a_halves, room)
+    ids_b, _ = vocab.encode_many(b_halves, room)
+    full_a = np.fromiter((len(half) for half in a_halves), dtype=np.int64, count=count) - 1
+    full_b = np.fromiter((len(half) for half in b_halves), dtype=np.int64, count=count) - 1
+    keep_a, keep_b = truncate_pairs(np.maximum(full_a, 0), np.maximum(full_b, 0), room)
+    keep_a, keep_b = keep_a[:, None], keep_b[:, None]
+
+    # Position j of a row: 0 [CLS], 1..keep_a A, keep_a + 1 [SEP], then B, then the final [SEP].
+    position = np.arange(seq_len)[None, :]
+    in_b = position - keep_a - 2
+    from_a = np.take_along_axis(ids_a, np.clip(position - 1, 0, max(room - 1, 0)), axis=1) if room else ids_a
+    from_b = np.take_along_axis(ids_b, np.clip(in_b, 0, max(room - 1, 0)), axis=1) if room else ids_b
+    input_ids = np.full((count, seq_len), vocab.pad_id, dtype=np.int64)
+    input_ids = np.where((position >= 1) & (position <= keep_a), from_a, input_ids)
+    input_ids = np.where((in_b >= 0) & (in_b < keep_b), from_b, input_ids)
+    input_ids = np.where((position == keep_a + 1) | (in_b == keep_b), vocab.sep_id, input_ids)
+    input_ids[:, 0] = vocab.cls_id
+    lengths = (keep_a + keep_b + 3)[:, 0]
+    segment_ids = np.where(position <= keep_a + 1, 1, 2)
+    segment_ids = np.where(position < lengths[:, None], segment_ids, 0)
+    return input_ids, segment_ids, lengths
+
+
+def pretrain_examples_bytes(pairs: Sequence[tuple[BurstHalves, bytes, int]], vocab: Vocab,
+                            settings: ConvertSettings) -> list[bytes]:
+    """Tokenize SBP pairs (BURST, B half, label) and serialize each as a pre-training `tf.train.Example`."""
+    if not pairs:
+        return []
+    input_ids, segment_ids, lengths = pretrain_instances(pairs, vocab, settings.seq_len)
+    labels = np.fromiter((label for _, _, label in pairs), dtype=np.int64, count=len(pairs))
+    return records.pretrain_examples(input_ids, lengths, segment_ids, labels)
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class FinetuneExample:
     """Fine-tuning example before its label and split are assigned."""
 
@@ -303,26 +387,55 @@ def finetune_bytes(data: bytes, settings: ConvertSettings) -> bytes:
 
 def packet_tokens(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
     """Return the first `tokens_per_packet` tokens of one packet's fine-tuning bytes."""
-    limit = settings.tokens_per_packet
-    return vocab.encode(finetune_bytes(data, settings), limit)[:limit]
+    ids, lengths = packet_tokens_many([data], vocab, settings)
+    return ids[0, : lengths[0]]
+
+
+def packet_tokens_many(packets: Sequence[bytes], vocab: Vocab,
+                       settings: ConvertSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Return (tokens (n, tokens_per_packet), lengths) of many packets, as `packet_tokens` per row."""
+    offset = settings.finetune_offset
+    datas = [data[offset:] for data in packets] if offset else list(packets)
+    return vocab.encode_many(datas, settings.tokens_per_packet)
 
 
 def packet_input_ids(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
     """Return `[CLS]` + the first `tokens_per_packet` tokens of a packet, cut to `packet_seq_len`."""
-    tokens = packet_tokens(data, vocab, settings)
-    ids = np.empty(min(len(tokens) + 1, settings.packet_seq_len), dtype=np.int64)
-    ids[0] = vocab.cls_id
-    ids[1:] = tokens[: len(ids) - 1]
-    return ids
+    ids, lengths = packet_input_ids_many([data], vocab, settings)
+    return ids[0, : lengths[0]]
+
+
+def packet_input_ids_many(packets: Sequence[bytes], vocab: Vocab,
+                          settings: ConvertSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Return (input ids, lengths) of many packet-level examples, as `packet_input_ids` per row."""
+    tokens, counts = packet_tokens_many(packets, vocab, settings)
+    width = min(settings.tokens_per_packet + 1, settings.packet_seq_len)
+    ids = np.empty((len(packets), width), dtype=np.int64)
+    ids[:, 0] = vocab.cls_id
+    ids[:, 1:] = tokens[:, : width - 1]
+    return ids, np.minimum(counts + 1, width)
 
 
 def flow_input_ids(packets: Sequence[bytes], vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
     """Return `[CLS]` + the tokens of the first `packets_per_flow` packets, cut to `flow_seq_len`."""
-    parts = [[vocab.cls_id]]
-    for data in packets[: settings.packets_per_flow]:
-        parts.append(packet_tokens(data, vocab, settings))
-    ids = np.concatenate(parts)[: settings.flow_seq_len]
-    return ids.astype(np.int64)
+    return flow_input_ids_many([packets], vocab, settings)[0]
+
+
+def flow_input_ids_many(flows: Sequence[Sequence[bytes]], vocab: Vocab, settings: ConvertSettings) -> list[np.ndarray]:
+    """Return the flow-level input ids of many flows (each a list of packets), as `flow_input_ids`."""
+    firsts = [packets[: settings.packets_per_flow] for packets in flows]
+    tokens, counts = packet_tokens_many([data for packets in firsts for data in packets], vocab, settings)
+    counts = counts.tolist()
+    cls = np.array([vocab.cls_id], dtype=np.int64)
+    result = []
+    row = 0
+    for packets in firsts:
+        parts = [cls]
+        for _ in packets:
+            parts.append(tokens[row, : counts[row]])
+            row += 1
+        result.append(np.concatenate(parts)[: settings.flow_seq_len])
+    return result
 
 
 def _text(packets: Sequence[bytes], settings: ConvertSettings) -> str:
@@ -344,6 +457,21 @@ def iter_finetune_examples(paths: Sequence[str], settings: ConvertSettings, voca
     `unit` names the unit in session ids (default: the first name). Examples without a single token
     are counted as `examples_empty` in `counts` and skipped; `counts["sessions"]` counts sessions.
     """
+    for batch in iter_finetune_batches(paths, settings, vocab, names, unit, levels, stats, counts, with_text,
+                                       on_format_error):
+        yield from batch
+
+
+def iter_finetune_batches(paths: Sequence[str], settings: ConvertSettings, vocab: Vocab,
+                          names: Sequence[str] | None = None, unit: str | None = None,
+                          levels: Sequence[str] = LEVELS, stats: SkipCounter | None = None,
+                          counts: Counter | None = None, with_text: bool = False,
+                          on_format_error: Callable[[str, CaptureFormatError], None] | None = None,
+                          ) -> Iterator[list[FinetuneExample]]:
+    """Yield the examples of `iter_finetune_examples` as lists, one per batch of packets read.
+
+    The tokens of a whole list are computed together, which is what makes conversion fast.
+    """
     unknown = [level for level in levels if level not in LEVELS]
     if unknown:
         raise ValueError(f"unknown example levels {unknown}; expected a subset of {LEVELS}")
@@ -352,36 +480,50 @@ def iter_finetune_examples(paths: Sequence[str], settings: ConvertSettings, voca
     stats = stats if stats is not None else SkipCounter()
     counts = counts if counts is not None else Counter()
     packet_bytes = settings.finetune_offset + settings.tokens_per_packet + 1
-    events = iter_sessions(
+    with_flows = "flow" in levels
+    event_lists = iter_session_event_lists(
         paths, settings.session_options, settings.header_policy, stats=stats, names=names,
         on_format_error=on_format_error, keep_bytes_burst=0,
-        keep_packets_flow=settings.packets_per_flow if "flow" in levels else 0, keep_bytes_flow=packet_bytes,
+        keep_packets_flow=settings.packets_per_flow if with_flows else 0, keep_bytes_flow=packet_bytes,
         emit_packets="packet" in levels, keep_bytes_packet=packet_bytes,
         max_packets_per_session=settings.max_packets_per_session)
 
-    for event in events:
-        if isinstance(event, PacketBytes):
-            example = FinetuneExample(
-                level="packet", source=event.source, session=event.session_name,
-                session_uid=f"{unit}#{event.session_index:09d}", packet_index=event.number,
-                input_ids=packet_input_ids(event.data, vocab, settings),
-                text=_text([event.data], settings) if with_text else "")
-        elif isinstance(event, SessionEnd):
-            counts["sessions"] += 1
-            if "flow" not in levels:
+    for events in event_lists:
+        packets = [event for event in events if event.__class__ is PacketBytes]
+        ends = [event.session for event in events if event.__class__ is SessionEnd]
+        counts["sessions"] += len(ends)
+        packet_ids, packet_lengths = packet_input_ids_many([event.data for event in packets], vocab, settings)
+        packet_lengths = packet_lengths.tolist()
+        flow_ids = flow_input_ids_many([session.first_packets for session in ends], vocab, settings) \
+            if with_flows else []
+
+        examples = []
+        packet_row = flow_row = 0
+        for event in events:
+            if event.__class__ is PacketBytes:
+                length = packet_lengths[packet_row]
+                ids = packet_ids[packet_row, :length]
+                packet_row += 1
+                # Positional arguments: this runs once per packet.
+                example = FinetuneExample("packet", event.source, event.session_name,
+                                          f"{unit}#{event.session_index:09d}", event.number, ids,
+                                          _text([event.data], settings) if with_text else "")
+            elif event.__class__ is SessionEnd and with_flows:
+                session = event.session
+                ids = flow_ids[flow_row]
+                flow_row += 1
+                example = FinetuneExample(
+                    level="flow", source=session.sources[0] if session.sources else unit, session=session.name,
+                    session_uid=f"{unit}#{session.index:09d}", packet_index=-1, input_ids=ids,
+                    text=_text(session.first_packets[: settings.packets_per_flow], settings) if with_text else "")
+            else:
                 continue
-            session = event.session
-            example = FinetuneExample(
-                level="flow", source=session.sources[0] if session.sources else unit, session=session.name,
-                session_uid=f"{unit}#{session.index:09d}", packet_index=-1,
-                input_ids=flow_input_ids(session.first_packets, vocab, settings),
-                text=_text(session.first_packets[: settings.packets_per_flow], settings) if with_text else "")
-        else:
-            continue
-        if len(example.input_ids) < 2:
-            counts[f"examples_empty_{example.level}"] += 1
-            continue
-        yield example
+            if len(ids) < 2:
+                counts[f"examples_empty_{example.level}"] += 1
+                continue
+            examples.append(example)
+        if examples:
+            yield examples
 
 
 def iter_flow_examples(paths: Sequence[str], settings: ConvertSettings, vocab: Vocab | None = None,
@@ -400,7 +542,23 @@ def iter_packet_examples(paths: Sequence[str], settings: ConvertSettings, vocab:
 
 def finetune_example_bytes(example: FinetuneExample, label: int) -> bytes:
     """Serialize a fine-tuning example with its label as a `tf.train.Example`."""
-    return records.finetune_example(example.input_ids, label, example.source, example.session, example.packet_index)
+    return finetune_examples_bytes([example], [label])[0]
+
+
+def finetune_examples_bytes(examples: Sequence[FinetuneExample], labels: Sequence[int]) -> list[bytes]:
+    """Serialize fine-tuning examples with their labels as `tf.train.Example`s, all in one pass."""
+    if len(examples) != len(labels):
+        raise ValueError(f"got {len(examples)} examples but {len(labels)} labels; pass one label per example")
+    if not examples:
+        return []
+    lengths = np.fromiter((len(example.input_ids) for example in examples), dtype=np.int64, count=len(examples))
+    input_ids = np.zeros((len(examples), int(lengths.max())), dtype=np.int64)
+    input_ids[np.arange(input_ids.shape[1])[None, :] < lengths[:, None]] = np.concatenate(
+        [example.input_ids for example in examples])
+    return records.finetune_examples(
+        input_ids, lengths, np.asarray(labels, dtype=np.int64), [example.source for example in examples],
+        [example.session for example in examples],
+        np.fromiter((example.packet_index for example in examples), dtype=np.int64, count=len(examples)))
 
 
 def content_digest(input_ids: np.ndarray) -> str:

@@ -140,7 +140,7 @@ class ReadBurstsFn(_ReadUnitFn):
                 halves_iter = convert.iter_burst_halves(local, names, unit, self.settings, stats, counts,
                                                         _dead_letter_handler(dead))
                 for halves in halves_iter:
-                    bucket = convert.stable_hash("bucket:" + halves.key) % self.settings.pair_buckets
+                    bucket = halves.bucket(self.settings.pair_buckets)
                     yield "burst", (bucket, halves)
         except Exception as err:  # a damaged capture must not stop the job: it becomes a dead letter
             log.exception("reading %s failed; its remaining packets are counted as aborted_by_error", unit)

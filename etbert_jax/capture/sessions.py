@@ -173,7 +173,7 @@ class Session:
         return self.last_ts_ns - self.first_ts_ns
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Burst:
     """A completed BURST: consecutive packets of one direction in one session."""
 
@@ -187,9 +187,11 @@ class Burst:
     source: str
     # Timestamp of the BURST's first packet in integer nanoseconds.
     first_ts_ns: int
+    # 0-based position of the BURST in its session.
+    number: int = 0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class PacketBytes:
     """One packet's policy-applied bytes with its session, for packet-level examples."""
 
@@ -316,6 +318,12 @@ class SessionTable:
         events: list[Event] = []
         pending = self._pending = _PendingBytes()
         live = self._live
+        # BURSTs already open hold bytes and may receive references in this batch; a BURST opened
+        # in this batch is noted when its first packet arrives.
+        for state in live.values():
+            if state.burst_packets:
+                pending.touch(state.burst_packets, self.keep_bytes_burst)
+        pending_rows, sender_bases, receiver_bases = pending.rows, pending.sender_base, pending.receiver_base
         split_on_fin_rst = self.options.split_on_fin_rst
         sweep_every = self.options.sweep_every_packets
         keep_burst = self.keep_bytes_burst
@@ -361,7 +369,13 @@ class SessionTable:
                 isn[direction] = seq_list[row]
 
             if keep_burst or number < keep_flow or number < packet_cap:
-                ref = pending.add(row, isn[direction], isn[1 - direction])
+                # Queue the packet for the header-policy kernel (inlined `_PendingBytes.add`).
+                ref = len(pending_rows)
+                pending_rows.append(row)
+                base = isn[direction]
+                sender_bases.append(UNKNOWN_BASE if base is None else base)
+                base = isn[1 - direction]
+                receiver_bases.append(UNKNOWN_BASE if base is None else base)
                 index = index_list[row]
                 if number < keep_flow:
                     session.first_packets.append(ref)
@@ -374,12 +388,13 @@ class SessionTable:
                         state.burst_direction = direction
                         state.burst_source = source
                         state.burst_first_ts = ts_ns
+                        pending.touch(state.burst_packets, keep_burst)
                     state.burst_packets.append(ref)
-                    pending.touch(state.burst_packets, keep_burst)
                 if number < packet_cap:
                     pending.packet_events.append(len(events))
-                    events.append(_PacketRef(session.key, session.index, direction, number, ref, source, index,
-                                             ts_ns, session.name))
+                    # `data` holds the reference until `resolve` puts the bytes there.
+                    events.append(PacketBytes(session.key, session.index, direction, number, ref, source, index,
+                                              ts_ns, session.name))
 
             if is_tcp and split_on_fin_rst:
                 if flags & RST:
@@ -462,7 +477,7 @@ class SessionTable:
             packets = tuple(state.burst_packets)
         events.append(Burst(
             session_key=session.key, session_index=session.index, direction=state.burst_direction,
-            packets=packets, source=state.burst_source, first_ts_ns=state.burst_first_ts,
+            packets=packets, source=state.burst_source, first_ts_ns=state.burst_first_ts, number=session.bursts,
         ))
         session.bursts += 1
         self.bursts_emitted += 1
@@ -474,21 +489,6 @@ class SessionTable:
             self._emit_burst(state, events)
         state.session.end_reason = reason
         events.append(SessionEnd(state.session))
-
-
-@dataclasses.dataclass(slots=True)
-class _PacketRef:
-    """A `PacketBytes` event whose bytes are the `ref`-th pending packet of the batch."""
-
-    session_key: SessionKey
-    session_index: int
-    direction: int
-    number: int
-    ref: int
-    source: str
-    index: int
-    ts_ns: int
-    session_name: str
 
 
 class _PendingBytes:
@@ -505,7 +505,8 @@ class _PendingBytes:
         self.receiver_base: list[int] = []
         # Lists holding references, by id, with the bytes each keeps per packet (None keeps all).
         self.lists: dict[int, tuple[list, int | None]] = {}
-        # Positions in the event list of `Burst` events with a list of packets and of `_PacketRef`s.
+        # Positions in the event list of `Burst` events with a list of packets, and of `PacketBytes`
+        # events whose `data` is a reference.
         self.burst_events: list[int] = []
         self.packet_events: list[int] = []
 
@@ -540,16 +541,11 @@ class _PendingBytes:
                         for item in items]
         for position in self.burst_events:
             burst = events[position]
-            events[position] = Burst(burst.session_key, burst.session_index, burst.direction,
-                                     tuple(burst.packets), burst.source, burst.first_ts_ns)
+            burst.packets = tuple(burst.packets)
         keep = table.keep_bytes_packet
         for position in self.packet_events:
-            ref = events[position]
-            data = kept[ref.ref] if keep is None else kept[ref.ref][:keep]
-            events[position] = PacketBytes(
-                session_key=ref.session_key, session_index=ref.session_index, direction=ref.direction,
-                number=ref.number, data=data, source=ref.source, index=ref.index, ts_ns=ref.ts_ns,
-                session_name=ref.session_name)
+            event = events[position]
+            event.data = kept[event.data] if keep is None else kept[event.data][:keep]
 
 
 def single_packet_batch(ts_ns: int, packet: Packet, data: bytes, index: int = -1) -> PacketBatch:
