@@ -161,8 +161,8 @@ class PairBucketFn(beam.DoFn):
     def process(self, element):
         bucket, bursts = element
         counts: Counter = Counter()
-        for burst, b_half, label in convert.pair_bucket(bursts, bucket, self.settings, counts):
-            data = convert.pretrain_example_bytes(burst, b_half, label, self.vocab, self.settings)
+        pairs = convert.pair_bucket(bursts, bucket, self.settings, counts)
+        for (burst, _, _), data in zip(pairs, convert.pretrain_examples_bytes(pairs, self.vocab, self.settings)):
             digest = example_digest(burst.key, data)
             yield "example", (("train", shard_of(digest, self.settings.num_shards)), (digest, data))
         yield "stats", dict(counts)
