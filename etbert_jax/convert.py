@@ -33,7 +33,9 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from etbert_jax import records
@@ -49,7 +51,7 @@ from etbert_jax.capture import (
     iter_session_event_lists,
     iter_sessions,
 )
-from etbert_jax.tokenizer import Vocab, bigram_words
+from etbert_jax.tokenizer import Vocab, bigram_words, pack_bytes, pieces_count
 
 LEVELS = ("packet", "flow")
 
@@ -141,9 +143,8 @@ def stable_hash(text: str) -> int:
 
 # ---- pre-training ------------------------------------------------------------------------------
 
-@dataclasses.dataclass(slots=True)
-class BurstHalves:
-    """The two sub-BURSTs of one BURST and where it came from."""
+class BurstHalves(NamedTuple):
+    """The two sub-BURSTs of one BURST and where it came from (use `BurstHalves.of` to build one)."""
 
     # Unique, sortable id: "<unit>#<session index>#<burst number>".
     key: str
@@ -153,13 +154,13 @@ class BurstHalves:
     a: bytes
     # Remaining floor(n / 2) bytes.
     b: bytes
-    # `stable_hash(key)`: picks the BURST's pairing bucket and its place in the bucket. Computed from
-    # `key` when not given.
-    digest: int | None = None
+    # `stable_hash(key)`: picks the BURST's pairing bucket and its place in the bucket.
+    digest: int
 
-    def __post_init__(self) -> None:
-        if self.digest is None:
-            self.digest = stable_hash(self.key)
+    @classmethod
+    def of(cls, key: str, session: str, a: bytes, b: bytes) -> BurstHalves:
+        """Return the halves with their digest computed from `key`."""
+        return cls(key, session, a, b, stable_hash(key))
 
     def bucket(self, buckets: int) -> int:
         """Return the pairing bucket of this BURST among `buckets`."""
@@ -199,7 +200,7 @@ def iter_burst_halves(paths: Sequence[str], names: Sequence[str], unit: str, set
                 continue
             a, b = split_burst(data)
             session = f"{unit}#{event.session_index:09d}"
-            yield BurstHalves(f"{session}#{event.number:09d}", session, a, b)
+            yield BurstHalves.of(f"{session}#{event.number:09d}", session, a, b)
         counts["sessions"] += sessions
         counts["bursts"] += bursts
         counts["bursts_too_short"] += too_short
@@ -248,14 +249,17 @@ def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSet
     return pairs
 
 
-def truncate_pair(length_a: int, length_b: int, max_total: int) -> tuple[int, int]:
+@numba.njit(cache=True)
+def truncate_pair(length_a, length_b, max_total):
     """Return the lengths BERT's truncate_seq_pair leaves: drop from the longer (B on ties) until both fit."""
     excess = length_a + length_b - max_total
     if excess <= 0:
         return length_a, length_b
     gap = abs(length_a - length_b)
     if excess <= gap:
-        return (length_a - excess, length_b) if length_a > length_b else (length_a, length_b - excess)
+        if length_a > length_b:
+            return length_a - excess, length_b
+        return length_a, length_b - excess
     equal = min(length_a, length_b)
     rest = excess - gap
     return equal - rest // 2, equal - (rest + 1) // 2
@@ -283,64 +287,55 @@ def pretrain_example_bytes(burst: BurstHalves, b_half: bytes, label: int, vocab:
     return pretrain_examples_bytes([(burst, b_half, label)], vocab, settings)[0]
 
 
-def truncate_pairs(length_a: np.ndarray, length_b: np.ndarray, max_total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorized `truncate_pair` over arrays of lengths."""
-    excess = length_a + length_b - max_total
-    gap = np.abs(length_a - length_b)
-    equal = np.minimum(length_a, length_b)
-    rest = excess - gap
-    a_longer = length_a > length_b
-    keep_a = np.where(excess <= 0, length_a,
-                      np.where(excess <= gap, np.where(a_longer, length_a - excess, length_a), equal - rest // 2))
-    keep_b = np.where(excess <= 0, length_b,
-                      np.where(excess <= gap, np.where(a_longer, length_b, length_b - excess),
-                               equal - (rest + 1) // 2))
-    return keep_a, keep_b
-
-
 def pretrain_instances(pairs: Sequence[tuple[BurstHalves, bytes, int]], vocab: Vocab,
                        seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (input_ids, segment_ids, lengths) of many SBP pairs, one padded row each.
 
     Row i equals `pretrain_instance(vocab.encode(a_i), vocab.encode(b_i), vocab, seq_len)` in its first
-    `lengths[i]` columns.
+    `lengths[i]` columns; one compiled loop builds all rows.
     """
     count = len(pairs)
-    if vocab.kind != "bigram":
-        # A WordPiece bigram may expand to several pieces, so each half's full length needs its own pass.
-        input_ids = np.full((count, seq_len), vocab.pad_id, dtype=np.int64)
-        segment_ids = np.zeros((count, seq_len), dtype=np.int64)
-        lengths = np.zeros(count, dtype=np.int64)
-        for row, (burst, b_half, _) in enumerate(pairs):
-            ids, segments = pretrain_instance(vocab.encode(burst.a), vocab.encode(b_half), vocab, seq_len)
-            input_ids[row, : len(ids)], segment_ids[row, : len(ids)], lengths[row] = ids, segments, len(ids)
-        return input_ids, segment_ids, lengths
-
-    # With one id per bigram, a half of n bytes has n - 1 tokens, and only the first seq_len - 3 can stay.
-    room = seq_len - 3
-    a_halves = [burst.a for burst, _, _ in pairs]
-    b_halves = [b_half for _, b_half, _ in pairs]
-    ids_a, _ = vocab.encode_many(a_halves, room)
-    ids_b, _ = vocab.encode_many(b_halves, room)
-    full_a = np.fromiter((len(half) for half in a_halves), dtype=np.int64, count=count) - 1
-    full_b = np.fromiter((len(half) for half in b_halves), dtype=np.int64, count=count) - 1
-    keep_a, keep_b = truncate_pairs(np.maximum(full_a, 0), np.maximum(full_b, 0), room)
-    keep_a, keep_b = keep_a[:, None], keep_b[:, None]
-
-    # Position j of a row: 0 [CLS], 1..keep_a A, keep_a + 1 [SEP], then B, then the final [SEP].
-    position = np.arange(seq_len)[None, :]
-    in_b = position - keep_a - 2
-    from_a = np.take_along_axis(ids_a, np.clip(position - 1, 0, max(room - 1, 0)), axis=1) if room else ids_a
-    from_b = np.take_along_axis(ids_b, np.clip(in_b, 0, max(room - 1, 0)), axis=1) if room else ids_b
+    blob, starts, sizes = pack_bytes([half for burst, b_half, _ in pairs for half in (burst.a, b_half)])
     input_ids = np.full((count, seq_len), vocab.pad_id, dtype=np.int64)
-    input_ids = np.where((position >= 1) & (position <= keep_a), from_a, input_ids)
-    input_ids = np.where((in_b >= 0) & (in_b < keep_b), from_b, input_ids)
-    input_ids = np.where((position == keep_a + 1) | (in_b == keep_b), vocab.sep_id, input_ids)
-    input_ids[:, 0] = vocab.cls_id
-    lengths = (keep_a + keep_b + 3)[:, 0]
-    segment_ids = np.where(position <= keep_a + 1, 1, 2)
-    segment_ids = np.where(position < lengths[:, None], segment_ids, 0)
+    segment_ids = np.zeros((count, seq_len), dtype=np.int64)
+    lengths = np.zeros(count, dtype=np.int64)
+    _pair_rows(blob, starts, sizes, vocab.offsets, vocab.pieces, vocab.cls_id, vocab.sep_id, input_ids,
+               segment_ids, lengths)
     return input_ids, segment_ids, lengths
+
+
+@numba.njit(cache=True)
+def _write_tokens(blob, start, size, offsets, pieces, keep, row, position):
+    """Write the first `keep` ids of a byte string's tokens into `row` from `position`."""
+    written = 0
+    for j in range(size - 1):
+        index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
+        for piece in range(offsets[index], offsets[index + 1]):
+            if written == keep:
+                return
+            row[position + written] = pieces[piece]
+            written += 1
+
+
+@numba.njit(cache=True)
+def _pair_rows(blob, starts, sizes, offsets, pieces, cls_id, sep_id, input_ids, segment_ids, lengths):
+    """Build `[CLS] A [SEP] B [SEP]` rows; halves 2i and 2i + 1 of the packed buffer are A and B of row i."""
+    room = input_ids.shape[1] - 3
+    for row in range(lengths.shape[0]):
+        a, b = 2 * row, 2 * row + 1
+        full_a = pieces_count(blob, starts[a], sizes[a], offsets)
+        full_b = pieces_count(blob, starts[b], sizes[b], offsets)
+        keep_a, keep_b = truncate_pair(full_a, full_b, room)
+        ids = input_ids[row]
+        ids[0] = cls_id
+        _write_tokens(blob, starts[a], sizes[a], offsets, pieces, keep_a, ids, 1)
+        ids[keep_a + 1] = sep_id
+        _write_tokens(blob, starts[b], sizes[b], offsets, pieces, keep_b, ids, keep_a + 2)
+        length = keep_a + keep_b + 3
+        ids[length - 1] = sep_id
+        segment_ids[row, : keep_a + 2] = 1
+        segment_ids[row, keep_a + 2 : length] = 2
+        lengths[row] = length
 
 
 def pretrain_examples_bytes(pairs: Sequence[tuple[BurstHalves, bytes, int]], vocab: Vocab,
@@ -355,8 +350,7 @@ def pretrain_examples_bytes(pairs: Sequence[tuple[BurstHalves, bytes, int]], voc
 
 # ---- fine-tuning ------------------------------------------------------------------------------
 
-@dataclasses.dataclass(slots=True)
-class FinetuneExample:
+class FinetuneExample(NamedTuple):
     """Fine-tuning example before its label and split are assigned."""
 
     # "packet" or "flow".

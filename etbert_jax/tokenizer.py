@@ -23,7 +23,9 @@ import dataclasses
 import hashlib
 import logging
 import pathlib
+from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -238,33 +240,18 @@ class Vocab:
         positions = np.repeat(starts - run_starts, lengths) + np.arange(total)
         return self.pieces[positions]
 
-    def encode_many(self, datas: list[bytes], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode_many(self, datas: Sequence[bytes], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize many byte strings at once; return (ids (n, max_tokens) int64, lengths).
 
         Row i holds `encode(datas[i], max_tokens)[:max_tokens]` in its first `lengths[i]` columns and
-        `[PAD]` after them. With the built-in vocabulary every row is computed by one set of numpy
-        operations over the whole batch.
+        `[PAD]` after them. One compiled loop tokenizes the whole batch.
         """
-        count = len(datas)
-        if self.kind != "bigram":
-            ids = np.full((count, max_tokens), self.pad_id, dtype=np.int64)
-            lengths = np.zeros(count, dtype=np.int64)
-            for row, data in enumerate(datas):
-                tokens = self.encode(data, max_tokens)[:max_tokens]
-                ids[row, : len(tokens)] = tokens
-                lengths[row] = len(tokens)
-            return ids, lengths
-
-        # Pad every byte string to max_tokens + 1 bytes in one buffer, then form all bigrams at once.
-        width = max_tokens + 1
-        sizes = np.fromiter((len(data) for data in datas), dtype=np.int64, count=count)
-        sizes = np.minimum(sizes, width)
-        padding = (width - sizes).tolist()
-        blob = b"".join([data[:width] + bytes(pad) for data, pad in zip(datas, padding)])
-        raw = np.frombuffer(blob, dtype=np.uint8).reshape(count, width).astype(np.int64)
-        ids = ((raw[:, :-1] << 8) | raw[:, 1:]) + len(SPECIAL_TOKENS)
-        lengths = np.maximum(sizes - 1, 0)
-        ids[np.arange(max_tokens)[None, :] >= lengths[:, None]] = self.pad_id
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        blob, starts, sizes = pack_bytes(datas)
+        ids = np.empty((len(datas), max_tokens), dtype=np.int64)
+        lengths = np.empty(len(datas), dtype=np.int64)
+        _encode_rows(blob, starts, sizes, self.offsets, self.pieces, max_tokens, self.pad_id, ids, lengths)
         return ids, lengths
 
     def words(self, ids: np.ndarray) -> list[str]:
@@ -306,3 +293,39 @@ class Vocab:
             raise ValueError(f"vocabulary {vocab.path or 'built-in'} has sha256 {vocab.sha256}, but the "
                              f"manifest expects {expected}; use the vocab file the shards were made with")
         return vocab
+
+
+def pack_bytes(datas: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate byte strings into one uint8 array; return (buffer, start of each, size of each)."""
+    sizes = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+    starts = np.cumsum(sizes) - sizes
+    return np.frombuffer(b"".join(datas), dtype=np.uint8), starts, sizes
+
+
+@numba.njit(cache=True)
+def _encode_rows(blob, starts, sizes, offsets, pieces, max_tokens, pad, ids, lengths):
+    """Write the first `max_tokens` ids of each byte string's first `max_tokens` bigrams into `ids`."""
+    for row in range(starts.shape[0]):
+        start = starts[row]
+        bigrams = min(sizes[row] - 1, max_tokens)
+        count = 0
+        for j in range(bigrams):
+            index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
+            for piece in range(offsets[index], offsets[index + 1]):
+                if count == max_tokens:
+                    break
+                ids[row, count] = pieces[piece]
+                count += 1
+        lengths[row] = count
+        for column in range(count, max_tokens):
+            ids[row, column] = pad
+
+
+@numba.njit(cache=True)
+def pieces_count(blob, start, size, offsets):
+    """Return how many ids `encode` gives for the byte string blob[start : start + size] (compiled)."""
+    count = 0
+    for j in range(size - 1):
+        index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
+        count += offsets[index + 1] - offsets[index]
+    return count

@@ -33,7 +33,7 @@ def reference_truncate(length_a, length_b, max_total):
 
 
 def burst(key, session, a=b"\x01\x02\x03", b=b"\x04\x05\x06"):
-    return BurstHalves(key=key, session=session, a=a, b=b)
+    return BurstHalves.of(key=key, session=session, a=a, b=b)
 
 
 @pytest.mark.parametrize("length", [0, 1, 4, 5, 64, 129])

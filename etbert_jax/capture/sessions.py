@@ -2,7 +2,8 @@
 
 Design. `SessionTable.add(ts_ns, packet, data, source, index)` takes packets in capture order and
 returns a list of events; `flush_idle(now_ns)` and `close_all()` return the events of sessions that end.
-Events are plain frozen dataclasses:
+Events are named tuples (`Burst`, `PacketBytes`) and `SessionEnd`. Tuples of plain values drop out of
+the garbage collector's tracking, which keeps collections cheap while millions of events pass:
 
 - `Burst`: a completed BURST, i.e. a maximal run of consecutive same-direction packets of one session,
   each packet's policy-applied bytes cut to `keep_bytes_burst`. It is emitted when the direction
@@ -43,6 +44,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -173,8 +175,7 @@ class Session:
         return self.last_ts_ns - self.first_ts_ns
 
 
-@dataclasses.dataclass(slots=True)
-class Burst:
+class Burst(NamedTuple):
     """A completed BURST: consecutive packets of one direction in one session."""
 
     session_key: SessionKey
@@ -191,8 +192,7 @@ class Burst:
     number: int = 0
 
 
-@dataclasses.dataclass(slots=True)
-class PacketBytes:
+class PacketBytes(NamedTuple):
     """One packet's policy-applied bytes with its session, for packet-level examples."""
 
     session_key: SessionKey
@@ -392,9 +392,9 @@ class SessionTable:
                     state.burst_packets.append(ref)
                 if number < packet_cap:
                     pending.packet_events.append(len(events))
-                    # `data` holds the reference until `resolve` puts the bytes there.
-                    events.append(PacketBytes(session.key, session.index, direction, number, ref, source, index,
-                                              ts_ns, session.name))
+                    # A plain tuple with the reference in place of `data`, until `resolve` builds the event.
+                    events.append((session.key, session.index, direction, number, ref, source, index, ts_ns,
+                                   session.name))
 
             if is_tcp and split_on_fin_rst:
                 if flags & RST:
@@ -505,8 +505,8 @@ class _PendingBytes:
         self.receiver_base: list[int] = []
         # Lists holding references, by id, with the bytes each keeps per packet (None keeps all).
         self.lists: dict[int, tuple[list, int | None]] = {}
-        # Positions in the event list of `Burst` events with a list of packets, and of `PacketBytes`
-        # events whose `data` is a reference.
+        # Positions in the event list of `Burst` events with a list of packets, and of plain tuples
+        # that become `PacketBytes` events.
         self.burst_events: list[int] = []
         self.packet_events: list[int] = []
 
@@ -541,11 +541,12 @@ class _PendingBytes:
                         for item in items]
         for position in self.burst_events:
             burst = events[position]
-            burst.packets = tuple(burst.packets)
+            events[position] = burst._replace(packets=tuple(burst.packets))
         keep = table.keep_bytes_packet
         for position in self.packet_events:
-            event = events[position]
-            event.data = kept[event.data] if keep is None else kept[event.data][:keep]
+            key, session_index, direction, number, ref, source, index, ts_ns, name = events[position]
+            data = kept[ref] if keep is None else kept[ref][:keep]
+            events[position] = PacketBytes(key, session_index, direction, number, data, source, index, ts_ns, name)
 
 
 def single_packet_batch(ts_ns: int, packet: Packet, data: bytes, index: int = -1) -> PacketBatch:
