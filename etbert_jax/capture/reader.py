@@ -252,11 +252,17 @@ def iter_record_batches(
         yield from _iter_stream(source, label, stats, max_records)
 
 
-def _batched(records: Iterator[Record], max_records: int) -> Iterator[RecordBatch]:
-    """Group records into batches of at most `max_records`."""
+def _batched(items: Iterator[Record | RecordBatch], max_records: int) -> Iterator[RecordBatch]:
+    """Group records into batches of at most `max_records`; batches pass through, in order."""
     pending: list[Record] = []
-    for record in records:
-        pending.append(record)
+    for item in items:
+        if isinstance(item, RecordBatch):
+            if pending:
+                yield RecordBatch.from_records(pending)
+                pending = []
+            yield item
+            continue
+        pending.append(item)
         if len(pending) >= max_records:
             yield RecordBatch.from_records(pending)
             pending = []
@@ -293,7 +299,7 @@ def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter, max_records: i
     if magic in _PCAP_MAGICS:
         yield from _iter_pcap(stream, magic, name, stats, max_records)
     elif struct.unpack("<I", magic)[0] == PCAPNG_SHB:
-        yield from _batched(_iter_pcapng(stream, name, stats), max_records)
+        yield from _batched(_iter_pcapng(stream, name, stats, max_records), max_records)
     else:
         raise CaptureFormatError(
             name,
@@ -469,14 +475,32 @@ class _Interface:
         return units * self.mul // self.div + self.offset_ns
 
 
-def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter) -> Iterator[Record]:
+def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter,
+                 max_records: int = BATCH_RECORDS) -> Iterator[Record | RecordBatch]:
     # The four magic bytes of the first Section Header Block are already consumed.
     order = _read_section_header(stream, name, offset=0, first=True)
     interfaces: list[_Interface] = []
     index = 0
     last_ts = 0
+    # How much the compiled framer reads at once: a whole block after it framed records, little after
+    # it framed none, so that files of mostly other blocks are not copied around in large pieces.
+    fast_read = _BLOCK
+    columns = [np.empty(max_records, dtype=np.int64) for _ in range(6)]
 
     while True:
+        if interfaces:
+            # Fast path: frame the run of well-formed enhanced packet blocks that starts here. Anything
+            # else (other blocks, damage, the end of the file) is left to the block-by-block code below.
+            batch = _frame_pcapng_run(stream, order, interfaces, index, fast_read, columns)
+            if batch is not None:
+                stats.count_read(len(batch))
+                index += len(batch)
+                last_ts = int(batch.ts_ns[-1])
+                fast_read = _BLOCK
+                yield batch
+                continue
+            fast_read = _SMALL_READ
+
         offset = stream.pos
         try:
             head = stream.read(8)
@@ -490,7 +514,7 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter) -> Iterator[Rec
             return
         block_type = struct.unpack(order + "I", head[:4])[0]
         if block_type == PCAPNG_SHB:
-            stream.prefix = head[4:]
+            stream.prefix = head[4:] + stream.prefix
             stream.pos -= 4
             try:
                 order = _read_section_header(stream, name, offset, first=False)
@@ -544,6 +568,89 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter) -> Iterator[Rec
         if record is not None:
             last_ts = record.ts_ns
             yield record
+
+
+# Bytes the pcapng framer reads when its last attempt framed nothing.
+_SMALL_READ = 64 * 1024
+# Why `_frame_epbs` stopped: the next block is not complete in the buffer, is not a well-formed
+# enhanced packet block, or the batch is full.
+_EPB_NEED_MORE, _EPB_OTHER, _EPB_FULL = 0, 1, 2
+# Largest timestamp unit count times multiplier that the compiled framer computes in int64.
+_MAX_SCALED_UNITS = 1 << 62
+
+
+def _frame_pcapng_run(stream: _Stream, order: str, interfaces: list[_Interface], index: int, size: int,
+                      columns: list[np.ndarray]) -> RecordBatch | None:
+    """Frame consecutive enhanced packet blocks from the stream; return them, or None if none framed.
+
+    The bytes after the last framed block are pushed back into the stream, so the block-by-block
+    reader continues exactly where the framer stopped.
+    """
+    base = stream.pos
+    try:
+        chunk = stream.read(size)
+    except _Truncated:
+        # The error stays with the stream, so the block-by-block reader meets it again and reports it.
+        return None
+    if not chunk:
+        return None
+    usable = [interface.div < (1 << 62) for interface in interfaces]
+    block = np.frombuffer(chunk, dtype=np.uint8)
+    count, pos, _ = _frame_epbs(
+        block, order == ">",
+        np.array([i.linktype for i in interfaces], dtype=np.int64),
+        np.array([i.mul if ok else 1 for i, ok in zip(interfaces, usable)], dtype=np.int64),
+        np.array([i.div if ok else 0 for i, ok in zip(interfaces, usable)], dtype=np.int64),
+        np.array([i.offset_ns if ok else 0 for i, ok in zip(interfaces, usable)], dtype=np.int64),
+        MAX_PACKET_BLOCK_BYTES, *columns)
+    stream.prefix = chunk[pos:] + stream.prefix
+    stream.pos = base + pos
+    if count == 0:
+        return None
+    starts, caplens, wire_lens, linktypes, ts_ns, positions = (column[:count].copy() for column in columns)
+    return RecordBatch(buf=block, start=starts, caplen=caplens, wire_len=wire_lens, linktype=linktypes,
+                       ts_ns=ts_ns, index=np.arange(index, index + count, dtype=np.int64), offset=base + positions)
+
+
+@numba.njit(cache=True)
+def _frame_epbs(block, big_endian, linktypes_by_id, muls, divs, offsets_ns, max_block, starts, caplens, wire_lens,
+                linktypes, ts_ns, positions):
+    """Frame well-formed enhanced packet blocks from the start of `block`; return (records, end, why stopped).
+
+    An interface whose `divs` entry is 0 cannot be handled here, nor can a timestamp whose scaled value
+    might not fit int64; the framer stops before such a block.
+    """
+    count = 0
+    pos = 0
+    size = block.shape[0]
+    while count < starts.shape[0]:
+        if pos + 8 > size:
+            return count, pos, _EPB_NEED_MORE
+        block_type = _u32_at(block, pos, big_endian)
+        length = _u32_at(block, pos + 4, big_endian)
+        # 12 bytes of block framing and 20 of fixed enhanced packet block fields.
+        if block_type != PCAPNG_EPB or length < 32 or length % 4 or length > max_block:
+            return count, pos, _EPB_OTHER
+        if pos + length > size:
+            return count, pos, _EPB_NEED_MORE
+        if _u32_at(block, pos + length - 4, big_endian) != length:
+            return count, pos, _EPB_OTHER
+        interface = _u32_at(block, pos + 8, big_endian)
+        caplen = _u32_at(block, pos + 20, big_endian)
+        if caplen > length - 32 or interface >= linktypes_by_id.shape[0] or divs[interface] == 0:
+            return count, pos, _EPB_OTHER
+        units = (_u32_at(block, pos + 12, big_endian) << 32) | _u32_at(block, pos + 16, big_endian)
+        if units < 0 or units > _MAX_SCALED_UNITS // muls[interface]:
+            return count, pos, _EPB_OTHER
+        starts[count] = pos + 28
+        caplens[count] = caplen
+        wire_lens[count] = _u32_at(block, pos + 24, big_endian)
+        linktypes[count] = linktypes_by_id[interface]
+        ts_ns[count] = units * muls[interface] // divs[interface] + offsets_ns[interface]
+        positions[count] = pos
+        count += 1
+        pos += length
+    return count, pos, _EPB_FULL
 
 
 def _block_problem(stats: SkipCounter, is_packet: bool, reason: str, name: str, where: str, detail: str) -> None:
