@@ -54,6 +54,8 @@ from etbert_jax.capture import (
 from etbert_jax.tokenizer import Vocab, bigram_words, pack_bytes, pieces_count
 
 LEVELS = ("packet", "flow")
+# Builds a named tuple from a tuple of all its fields, without its Python-level constructor.
+_new_tuple = tuple.__new__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,12 +387,15 @@ def packet_tokens(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.nd
     return ids[0, : lengths[0]]
 
 
-def packet_tokens_many(packets: Sequence[bytes], vocab: Vocab,
-                       settings: ConvertSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Return (tokens (n, tokens_per_packet), lengths) of many packets, as `packet_tokens` per row."""
+def packet_tokens_many(packets: Sequence[bytes], vocab: Vocab, settings: ConvertSettings,
+                       first_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (tokens (n, tokens_per_packet), lengths) of many packets, as `packet_tokens` per row.
+
+    With `first_id`, each row starts with that id (see `Vocab.encode_many`).
+    """
     offset = settings.finetune_offset
-    datas = [data[offset:] for data in packets] if offset else list(packets)
-    return vocab.encode_many(datas, settings.tokens_per_packet)
+    datas = [data[offset:] for data in packets] if offset else packets
+    return vocab.encode_many(datas, settings.tokens_per_packet, first_id)
 
 
 def packet_input_ids(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
@@ -402,34 +407,46 @@ def packet_input_ids(data: bytes, vocab: Vocab, settings: ConvertSettings) -> np
 def packet_input_ids_many(packets: Sequence[bytes], vocab: Vocab,
                           settings: ConvertSettings) -> tuple[np.ndarray, np.ndarray]:
     """Return (input ids, lengths) of many packet-level examples, as `packet_input_ids` per row."""
-    tokens, counts = packet_tokens_many(packets, vocab, settings)
+    ids, lengths = packet_tokens_many(packets, vocab, settings, first_id=vocab.cls_id)
     width = min(settings.tokens_per_packet + 1, settings.packet_seq_len)
-    ids = np.empty((len(packets), width), dtype=np.int64)
-    ids[:, 0] = vocab.cls_id
-    ids[:, 1:] = tokens[:, : width - 1]
-    return ids, np.minimum(counts + 1, width)
+    return ids[:, :width], np.minimum(lengths, width)
 
 
 def flow_input_ids(packets: Sequence[bytes], vocab: Vocab, settings: ConvertSettings) -> np.ndarray:
     """Return `[CLS]` + the tokens of the first `packets_per_flow` packets, cut to `flow_seq_len`."""
-    return flow_input_ids_many([packets], vocab, settings)[0]
+    ids, lengths = flow_input_ids_many([packets], vocab, settings)
+    return ids[0, : lengths[0]]
 
 
-def flow_input_ids_many(flows: Sequence[Sequence[bytes]], vocab: Vocab, settings: ConvertSettings) -> list[np.ndarray]:
-    """Return the flow-level input ids of many flows (each a list of packets), as `flow_input_ids`."""
+def flow_input_ids_many(flows: Sequence[Sequence[bytes]], vocab: Vocab,
+                        settings: ConvertSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Return (input ids, lengths) of many flows (each a list of packets), as `flow_input_ids` per row."""
     firsts = [packets[: settings.packets_per_flow] for packets in flows]
     tokens, counts = packet_tokens_many([data for packets in firsts for data in packets], vocab, settings)
-    counts = counts.tolist()
-    cls = np.array([vocab.cls_id], dtype=np.int64)
-    result = []
+    packets_per_flow = np.fromiter(map(len, firsts), dtype=np.int64, count=len(firsts))
+    ids = np.full((len(firsts), settings.flow_seq_len), vocab.pad_id, dtype=np.int64)
+    lengths = np.zeros(len(firsts), dtype=np.int64)
+    _join_flows(tokens, counts, packets_per_flow, vocab.cls_id, ids, lengths)
+    return ids, lengths
+
+
+@numba.njit(cache=True)
+def _join_flows(tokens, counts, packets_per_flow, cls_id, ids, lengths):
+    """Write `[CLS]` and the tokens of each flow's packets (consecutive rows of `tokens`), cut to the row width."""
+    width = ids.shape[1]
     row = 0
-    for packets in firsts:
-        parts = [cls]
-        for _ in packets:
-            parts.append(tokens[row, : counts[row]])
+    for flow in range(packets_per_flow.shape[0]):
+        line = ids[flow]
+        line[0] = cls_id
+        length = 1
+        for _ in range(packets_per_flow[flow]):
+            for column in range(counts[row]):
+                if length == width:
+                    break
+                line[length] = tokens[row, column]
+                length += 1
             row += 1
-        result.append(np.concatenate(parts)[: settings.flow_seq_len])
-    return result
+        lengths[flow] = length
 
 
 def _text(packets: Sequence[bytes], settings: ConvertSettings) -> str:
@@ -488,8 +505,9 @@ def iter_finetune_batches(paths: Sequence[str], settings: ConvertSettings, vocab
         counts["sessions"] += len(ends)
         packet_ids, packet_lengths = packet_input_ids_many([event.data for event in packets], vocab, settings)
         packet_lengths = packet_lengths.tolist()
-        flow_ids = flow_input_ids_many([session.first_packets for session in ends], vocab, settings) \
-            if with_flows else []
+        if with_flows:
+            flow_ids, flow_lengths = flow_input_ids_many([session.first_packets for session in ends], vocab, settings)
+            flow_lengths = flow_lengths.tolist()
 
         examples = []
         packet_row = flow_row = 0
@@ -498,13 +516,13 @@ def iter_finetune_batches(paths: Sequence[str], settings: ConvertSettings, vocab
                 length = packet_lengths[packet_row]
                 ids = packet_ids[packet_row, :length]
                 packet_row += 1
-                # Positional arguments: this runs once per packet.
-                example = FinetuneExample("packet", event.source, event.session_name,
-                                          f"{unit}#{event.session_index:09d}", event.number, ids,
-                                          _text([event.data], settings) if with_text else "")
+                # Built with tuple.__new__, which skips the Python-level constructor: this runs per packet.
+                example = _new_tuple(FinetuneExample, (
+                    "packet", event.source, event.session_name, f"{unit}#{event.session_index:09d}", event.number,
+                    ids, _text([event.data], settings) if with_text else ""))
             elif event.__class__ is SessionEnd and with_flows:
                 session = event.session
-                ids = flow_ids[flow_row]
+                ids = flow_ids[flow_row, : flow_lengths[flow_row]]
                 flow_row += 1
                 example = FinetuneExample(
                     level="flow", source=session.sources[0] if session.sources else unit, session=session.name,

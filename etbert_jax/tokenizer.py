@@ -240,18 +240,24 @@ class Vocab:
         positions = np.repeat(starts - run_starts, lengths) + np.arange(total)
         return self.pieces[positions]
 
-    def encode_many(self, datas: Sequence[bytes], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode_many(self, datas: Sequence[bytes], max_tokens: int,
+                    first_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize many byte strings at once; return (ids (n, max_tokens) int64, lengths).
 
         Row i holds `encode(datas[i], max_tokens)[:max_tokens]` in its first `lengths[i]` columns and
-        `[PAD]` after them. One compiled loop tokenizes the whole batch.
+        `[PAD]` after them. With `first_id` (e.g. `[CLS]`), every row starts with that id, the array
+        has max_tokens + 1 columns and the lengths count it. One compiled loop tokenizes the batch.
         """
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         blob, starts, sizes = pack_bytes(datas)
-        ids = np.empty((len(datas), max_tokens), dtype=np.int64)
+        lead = 0 if first_id is None else 1
+        ids = np.empty((len(datas), lead + max_tokens), dtype=np.int64)
         lengths = np.empty(len(datas), dtype=np.int64)
-        _encode_rows(blob, starts, sizes, self.offsets, self.pieces, max_tokens, self.pad_id, ids, lengths)
+        # The built-in vocabulary maps bigram k to id k + 5, which the loop computes without a lookup.
+        direct = len(SPECIAL_TOKENS) if self.kind == "bigram" else -1
+        _encode_rows(blob, starts, sizes, self.offsets, self.pieces, direct, max_tokens, self.pad_id,
+                     -1 if first_id is None else first_id, ids, lengths)
         return ids, lengths
 
     def words(self, ids: np.ndarray) -> list[str]:
@@ -303,22 +309,34 @@ def pack_bytes(datas: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 @numba.njit(cache=True)
-def _encode_rows(blob, starts, sizes, offsets, pieces, max_tokens, pad, ids, lengths):
-    """Write the first `max_tokens` ids of each byte string's first `max_tokens` bigrams into `ids`."""
+def _encode_rows(blob, starts, sizes, offsets, pieces, direct, max_tokens, pad, first_id, ids, lengths):
+    """Write the first `max_tokens` ids of each byte string's first `max_tokens` bigrams into `ids`.
+
+    `direct` >= 0 means bigram k has the single id k + direct; `first_id` >= 0 goes before the tokens.
+    """
+    lead = 1 if first_id >= 0 else 0
     for row in range(starts.shape[0]):
+        line = ids[row]
+        if lead:
+            line[0] = first_id
         start = starts[row]
         bigrams = min(sizes[row] - 1, max_tokens)
         count = 0
-        for j in range(bigrams):
-            index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
-            for piece in range(offsets[index], offsets[index + 1]):
-                if count == max_tokens:
-                    break
-                ids[row, count] = pieces[piece]
-                count += 1
-        lengths[row] = count
-        for column in range(count, max_tokens):
-            ids[row, column] = pad
+        if direct >= 0:
+            for j in range(bigrams):
+                line[lead + j] = ((np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])) + direct
+            count = max(bigrams, 0)
+        else:
+            for j in range(bigrams):
+                index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
+                for piece in range(offsets[index], offsets[index + 1]):
+                    if count == max_tokens:
+                        break
+                    line[lead + count] = pieces[piece]
+                    count += 1
+        lengths[row] = lead + count
+        for column in range(lead + count, lead + max_tokens):
+            line[column] = pad
 
 
 @numba.njit(cache=True)

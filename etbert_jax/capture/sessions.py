@@ -332,23 +332,32 @@ class SessionTable:
         if packet_cap is None:
             packet_cap = 1 << 62
 
+        # Limits for the quick test of whether a session may have expired (no limit: never).
+        idle_limit = self._idle_ns if self._idle_ns is not None else 1 << 62
+        active_limit = self._active_ns if self._active_ns is not None else 1 << 62
+        now_ns = self._now_ns
+        since_sweep = self._packets_since_sweep
+
         for row in range(count):
             ts_ns = ts_list[row]
             key = key_list[row]
             flags = flag_list[row]
             is_tcp = proto_list[row] == TCP
-            if ts_ns > self._now_ns:
-                self._now_ns = ts_ns
+            if ts_ns > now_ns:
+                now_ns = ts_ns
 
             state = live.get(key)
             if state is not None:
-                if state.closing and flags & (SYN | ACK) == SYN:
-                    reason = "new_syn"
-                else:
-                    reason = self._expiry_reason(state, ts_ns)
-                if reason:
-                    self._finish(key, reason, events)
-                    state = None
+                session = state.session
+                if state.closing or ts_ns - session.last_ts_ns > idle_limit \
+                        or ts_ns - session.first_ts_ns > active_limit:
+                    if state.closing and flags & (SYN | ACK) == SYN:
+                        reason = "new_syn"
+                    else:
+                        reason = self._expiry_reason(state, ts_ns)
+                    if reason:
+                        self._finish(key, reason, events)
+                        state = None
             if state is None:
                 state = self._start(key, batch, row, side_list[row])
 
@@ -404,10 +413,13 @@ class SessionTable:
                     if all(state.fin_seen):
                         state.closing = True
 
-            self._packets_since_sweep += 1
-            if self._packets_since_sweep >= sweep_every:
-                self.flush_idle(self._now_ns, events)
+            since_sweep += 1
+            if since_sweep >= sweep_every:
+                self.flush_idle(now_ns, events)
+                since_sweep = 0
 
+        self._now_ns = now_ns
+        self._packets_since_sweep = since_sweep
         self._pending = None
         pending.resolve(self, batch, events)
         return events
