@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,6 +57,8 @@ from etbert_jax.tokenizer import Vocab, bigram_words, pack_bytes, pieces_count
 LEVELS = ("packet", "flow")
 # Builds a named tuple from a tuple of all its fields, without its Python-level constructor.
 _new_tuple = tuple.__new__
+# Sort key of BURSTs inside a pairing bucket: (digest, key).
+_BY_DIGEST = operator.itemgetter(4, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +205,9 @@ def iter_burst_halves(paths: Sequence[str], names: Sequence[str], unit: str, set
                 continue
             a, b = split_burst(data)
             session = f"{unit}#{event.session_index:09d}"
-            yield BurstHalves.of(f"{session}#{event.number:09d}", session, a, b)
+            key = f"{session}#{event.number:09d}"
+            # `BurstHalves.of` without its Python-level constructor: this runs once per BURST.
+            yield _new_tuple(BurstHalves, (key, session, a, b, stable_hash(key)))
         counts["sessions"] += sessions
         counts["bursts"] += bursts
         counts["bursts_too_short"] += too_short
@@ -217,7 +222,7 @@ def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSet
     the B half of the next BURST in that order (wrapping around) from a different session. When the
     bucket contains no other session it stays positive and counts as `negatives_unavailable`.
     """
-    ordered = sorted(bursts, key=lambda item: (item.digest, item.key))
+    ordered = sorted(bursts, key=_BY_DIGEST)
     size = len(ordered)
     sessions = [item.session for item in ordered]
 
@@ -563,12 +568,10 @@ def finetune_examples_bytes(examples: Sequence[FinetuneExample], labels: Sequenc
         raise ValueError(f"got {len(examples)} examples but {len(labels)} labels; pass one label per example")
     if not examples:
         return []
-    lengths = np.fromiter((len(example.input_ids) for example in examples), dtype=np.int64, count=len(examples))
-    input_ids = np.zeros((len(examples), int(lengths.max())), dtype=np.int64)
-    input_ids[np.arange(input_ids.shape[1])[None, :] < lengths[:, None]] = np.concatenate(
-        [example.input_ids for example in examples])
+    ids = [example.input_ids for example in examples]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return records.finetune_examples(
-        input_ids, lengths, np.asarray(labels, dtype=np.int64), [example.source for example in examples],
+        np.concatenate(ids), lengths, np.asarray(labels, dtype=np.int64), [example.source for example in examples],
         [example.session for example in examples],
         np.fromiter((example.packet_index for example in examples), dtype=np.int64, count=len(examples)))
 

@@ -404,13 +404,15 @@ def _check_end(position: int, expected: int) -> None:
 
 
 @numba.njit(cache=True)
-def _finetune_batch(input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, packet_indices: np.ndarray,
+def _finetune_batch(input_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+                    packet_indices: np.ndarray,
                     sources: np.ndarray, source_offsets: np.ndarray, sessions: np.ndarray,
                     session_offsets: np.ndarray, keys: np.ndarray,
                     key_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Serialize a batch of fine-tuning examples into one buffer; return it and the n + 1 example offsets.
 
-    `keys` contains the key fields of `_FINETUNE_KEYS` in that order. String i is
+    The ids of example i are `input_ids[starts[i]:starts[i] + lengths[i]]` (a flat array). `keys`
+    contains the key fields of `_FINETUNE_KEYS` in that order. String i is
     `sources[source_offsets[i]:source_offsets[i + 1]]`, and likewise for sessions.
     """
     count = lengths.shape[0]
@@ -423,7 +425,7 @@ def _finetune_batch(input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarr
     # Pass 1: the size of every feature and example.
     for row in range(count):
         length = lengths[row]
-        payload_sizes[row] = _packed_size(input_ids[row], length)
+        payload_sizes[row] = _packed_size(input_ids[starts[row]:], length)
         feature_sizes[row, 0] = _field_size(_int64_list_size(payload_sizes[row], length))
         feature_sizes[row, 1] = _field_size(_int64_value_size(labels[row]))
         feature_sizes[row, 2] = _field_size(_int64_value_size(packet_indices[row]))
@@ -441,7 +443,8 @@ def _finetune_batch(input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarr
         for key in range(6):
             position = _write_entry_header(out, position, keys, key_offsets, key, feature_sizes[row, key])
             if key == 0:
-                position = _write_int64_list(out, position, input_ids[row], lengths[row], payload_sizes[row])
+                position = _write_int64_list(out, position, input_ids[starts[row]:], lengths[row],
+                                             payload_sizes[row])
             elif key == 1:
                 position = _write_int64_value(out, position, labels[row])
             elif key == 2:
@@ -561,17 +564,28 @@ def finetune_examples(input_ids: np.ndarray, lengths: np.ndarray, labels: Sequen
     """Serialize a batch of fine-tuning examples; row i of `input_ids` contains ids in `[:lengths[i]]`.
 
     Example i equals `finetune_example(input_ids[i, :lengths[i]], labels[i], sources[i], sessions[i],
-    packet_indices[i])` byte for byte. Ids past a row's length are ignored. Raises ValueError on
-    inconsistent shapes or lengths.
+    packet_indices[i])` byte for byte. Ids past a row's length are ignored. `input_ids` may also be
+    one flat array of all examples' ids, one example after the other, which avoids padding examples
+    of very different lengths. Raises ValueError on inconsistent shapes or lengths.
     """
-    ids, counts = _batch_ids(input_ids, lengths)
+    if np.ndim(input_ids) == 1:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        counts = np.ascontiguousarray(lengths, dtype=np.int64)
+        if counts.ndim != 1 or (counts < 0).any() or counts.sum() != len(ids):
+            raise ValueError(f"flat input_ids hold {len(ids)} ids, but lengths must be >= 0 and sum to that, "
+                             f"got shape {counts.shape} and sum {int(counts.sum()) if counts.ndim == 1 else '?'}")
+        starts = np.cumsum(counts) - counts
+    else:
+        rows, counts = _batch_ids(input_ids, lengths)
+        ids = rows.reshape(-1)
+        starts = np.arange(len(counts), dtype=np.int64) * rows.shape[1]
     count = len(counts)
     label_array = _batch_scalars(labels, count, "labels")
     index_array = _batch_scalars(packet_indices, count, "packet_indices")
     source_data, source_offsets = _batch_strings(sources, count, "sources")
     session_data, session_offsets = _batch_strings(sessions, count, "sessions")
 
-    buffer, offsets = _finetune_batch(ids, counts, label_array, index_array, source_data, source_offsets,
+    buffer, offsets = _finetune_batch(ids, starts, counts, label_array, index_array, source_data, source_offsets,
                                       session_data, session_offsets, *_FINETUNE_KEY_TABLE)
     return _split_buffer(buffer, offsets)
 

@@ -242,6 +242,25 @@ def test_finetune_examples_match_per_example(seed):
         assert got[row] == expected, f"row {row} of seed {seed}"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_finetune_examples_take_flat_ids(seed):
+    # One flat array of every example's ids, back to back, gives the same bytes as padded rows.
+    rng = np.random.default_rng(200 + seed)
+    count, max_len = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+    ids, lengths = random_batch(rng, count, max_len)
+    flat = np.concatenate([ids[row, :lengths[row]] for row in range(count)])
+    labels, packet_indices = random_int64s(rng, count), random_int64s(rng, count)
+    sources, sessions = random_string_list(rng, count), random_string_list(rng, count)
+
+    padded = records.finetune_examples(ids, lengths, labels, sources, sessions, packet_indices)
+    assert records.finetune_examples(flat, lengths, labels, sources, sessions, packet_indices) == padded
+
+
+def test_finetune_examples_reject_flat_ids_of_other_total():
+    with pytest.raises(ValueError, match="sum to that"):
+        records.finetune_examples(np.arange(5), np.array([2, 2]), [0, 0], ["a", "b"], ["s", "t"], [0, 1])
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_pretrain_examples_match_per_example(seed):
     rng = np.random.default_rng(100 + seed)

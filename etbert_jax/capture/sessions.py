@@ -88,6 +88,8 @@ SessionKey = tuple[int, Endpoint, Endpoint]
 
 CLIENT_TO_SERVER = 0
 SERVER_TO_CLIENT = 1
+# Builds a named tuple from a tuple of all its fields, without its Python-level constructor.
+_new_tuple = tuple.__new__
 _PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
 
 
@@ -480,17 +482,15 @@ class SessionTable:
 
     def _emit_burst(self, state: _State, events: list[Event]) -> None:
         session = state.session
+        fields = (session.key, session.index, state.burst_direction, state.burst_packets, state.burst_source,
+                  state.burst_first_ts, session.bursts)
         if self._pending is not None:
-            # The list may still hold references to packets of the current batch; `resolve` turns
-            # the event's list into a tuple of bytes.
+            # The list may still hold references to packets of the current batch, so the event stays
+            # a plain tuple of its fields until `resolve` builds it with a tuple of bytes.
             self._pending.burst_events.append(len(events))
-            packets = state.burst_packets
+            events.append(fields)
         else:
-            packets = tuple(state.burst_packets)
-        events.append(Burst(
-            session_key=session.key, session_index=session.index, direction=state.burst_direction,
-            packets=packets, source=state.burst_source, first_ts_ns=state.burst_first_ts, number=session.bursts,
-        ))
+            events.append(_new_tuple(Burst, fields[:3] + (tuple(state.burst_packets),) + fields[4:]))
         session.bursts += 1
         self.bursts_emitted += 1
         state.burst_packets = []
@@ -552,13 +552,15 @@ class _PendingBytes:
             items[:] = [(kept[item][:keep] if keep is not None else kept[item]) if item.__class__ is int else item
                         for item in items]
         for position in self.burst_events:
-            burst = events[position]
-            events[position] = burst._replace(packets=tuple(burst.packets))
+            key, session_index, direction, packets, source, first_ts_ns, number = events[position]
+            events[position] = _new_tuple(Burst, (key, session_index, direction, tuple(packets), source, first_ts_ns,
+                                                  number))
         keep = table.keep_bytes_packet
         for position in self.packet_events:
             key, session_index, direction, number, ref, source, index, ts_ns, name = events[position]
             data = kept[ref] if keep is None else kept[ref][:keep]
-            events[position] = PacketBytes(key, session_index, direction, number, data, source, index, ts_ns, name)
+            events[position] = _new_tuple(PacketBytes, (key, session_index, direction, number, data, source, index,
+                                                        ts_ns, name))
 
 
 def single_packet_batch(ts_ns: int, packet: Packet, data: bytes, index: int = -1) -> PacketBatch:
