@@ -2,9 +2,9 @@
 
 Runs etbert-jax's real pre-training step (see `bench/jax_step.py`) on every local accelerator with a
 data-parallel mesh. The defaults are `base` sizes, sequence length 512, bf16 compute and
-`--per-chip-batch` 32 sequences per chip. Attention dropout is 0, so attention takes the fused
-`jax.nn.dot_product_attention` path (cuDNN flash attention on GPU), and the MLM decoder sees only the
-gathered masked positions. Warm-up steps (compilation included) are not timed.
+`--per-chip-batch` 32 sequences per chip. Attention dropout is 0, so attention runs the preset's
+`model.attention_implementation` kernel ("xla": `model.masked_softmax_attention`, not flash
+attention), and the MLM decoder sees only the gathered masked positions. Warm-up steps (compilation included) are not timed.
 
 MFU = training FLOPs per token x tokens/s / (peak bf16 FLOP/s per chip x chips). The FLOP model and
 the peak table are `etbert_jax/flops.py`: model FLOPs only (p = mask_prob of the positions reach the

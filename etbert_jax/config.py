@@ -77,11 +77,12 @@ class ModelConfig:
     type_vocab_size: int = 3
     # Dropout rate on embeddings, attention output and feed-forward output, in [0, 1).
     dropout: float = 0.1
-    # Dropout rate on attention probabilities, in [0, 1). 0.0 enables jax.nn.dot_product_attention's
-    # fused path (flash attention on GPU); 0.1 matches ET-BERT.
+    # Dropout rate on attention probabilities, in [0, 1). 0.0 enables the attention kernel chosen by
+    # attention_implementation (cuDNN flash attention on GPU with "cudnn"); 0.1 matches ET-BERT.
     attention_dropout: float = 0.1
-    # Kernel of the fused attention path (used when attention dropout is off or in evaluation): "xla"
-    # everywhere, or "cudnn" for cuDNN flash attention on NVIDIA GPUs with bfloat16 compute.
+    # Attention kernel when attention dropout is off or in evaluation: "xla" (model.py's
+    # masked_softmax_attention, compiled by XLA on every backend) or "cudnn" (cuDNN flash attention
+    # through jax.nn.dot_product_attention, for NVIDIA GPUs with bfloat16 compute).
     attention_implementation: str = "xla"
     # "standard": (x - mean) / sqrt(var + eps). "uer": (x - mean) / (unbiased std + eps), as ET-BERT.
     layer_norm: str = "standard"

