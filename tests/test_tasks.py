@@ -110,3 +110,18 @@ def test_classification_weights_and_class_weights():
     correct = (logits.argmax(-1) == labels).astype(np.float32)
     np.testing.assert_allclose(metrics["accuracy"], (correct * weights).sum() / weights.sum())
     assert float(metrics["count"]) == 4
+
+
+def test_top_hits_match_argmax_and_count_ties():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(3, 4, 50)).astype(np.float32)
+    labels = rng.integers(0, 50, size=(3, 4)).astype(np.int32)
+    labels[0, 0] = logits[0, 0].argmax()
+    hits = np.asarray(tasks._top_hits(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_array_equal(hits, (logits.argmax(-1) == labels).astype(np.float32))
+
+    # A label tied with an earlier maximum is a hit, where argmax would pick the earlier index.
+    tied = np.zeros((1, 1, 5), np.float32)
+    tied[0, 0, [1, 3]] = 2.0
+    assert float(tasks._top_hits(jnp.asarray(tied), jnp.asarray([[3]]))[0, 0]) == 1.0
+    assert float(tasks._top_hits(jnp.asarray(tied), jnp.asarray([[0]]))[0, 0]) == 0.0
