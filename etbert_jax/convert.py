@@ -52,7 +52,7 @@ from etbert_jax.capture import (
     iter_session_event_lists,
     iter_sessions,
 )
-from etbert_jax.tokenizer import Vocab, bigram_words, pack_bytes, pieces_count
+from etbert_jax.tokenizer import Vocab, bigram_words, pack_bytes, pieces_count, write_tokens
 
 LEVELS = ("packet", "flow")
 # Builds a named tuple from a tuple of all its fields, without its Python-level constructor.
@@ -312,19 +312,6 @@ def pretrain_instances(pairs: Sequence[tuple[BurstHalves, bytes, int]], vocab: V
 
 
 @numba.njit(cache=True)
-def _write_tokens(blob, start, size, offsets, pieces, keep, row, position):
-    """Write the first `keep` ids of a byte string's tokens into `row` from `position`."""
-    written = 0
-    for j in range(size - 1):
-        index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
-        for piece in range(offsets[index], offsets[index + 1]):
-            if written == keep:
-                return
-            row[position + written] = pieces[piece]
-            written += 1
-
-
-@numba.njit(cache=True)
 def _pair_rows(blob, starts, sizes, offsets, pieces, cls_id, sep_id, input_ids, segment_ids, lengths):
     """Build `[CLS] A [SEP] B [SEP]` rows; halves 2i and 2i + 1 of the packed buffer are A and B of row i."""
     room = input_ids.shape[1] - 3
@@ -335,9 +322,9 @@ def _pair_rows(blob, starts, sizes, offsets, pieces, cls_id, sep_id, input_ids, 
         keep_a, keep_b = truncate_pair(full_a, full_b, room)
         ids = input_ids[row]
         ids[0] = cls_id
-        _write_tokens(blob, starts[a], sizes[a], offsets, pieces, keep_a, ids, 1)
+        write_tokens(blob, starts[a], sizes[a] - 1, offsets, pieces, keep_a, ids, 1)
         ids[keep_a + 1] = sep_id
-        _write_tokens(blob, starts[b], sizes[b], offsets, pieces, keep_b, ids, keep_a + 2)
+        write_tokens(blob, starts[b], sizes[b] - 1, offsets, pieces, keep_b, ids, keep_a + 2)
         length = keep_a + keep_b + 3
         ids[length - 1] = sep_id
         segment_ids[row, : keep_a + 2] = 1

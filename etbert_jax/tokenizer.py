@@ -244,7 +244,7 @@ class Vocab:
                     first_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize many byte strings at once; return (ids (n, max_tokens) int64, lengths).
 
-        Row i holds `encode(datas[i], max_tokens)[:max_tokens]` in its first `lengths[i]` columns and
+        Row i contains `encode(datas[i], max_tokens)[:max_tokens]` in its first `lengths[i]` columns and
         `[PAD]` after them. With `first_id` (e.g. `[CLS]`), every row starts with that id, the array
         has max_tokens + 1 columns and the lengths count it. One compiled loop tokenizes the batch.
         """
@@ -327,16 +327,27 @@ def _encode_rows(blob, starts, sizes, offsets, pieces, direct, max_tokens, pad, 
                 line[lead + j] = ((np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])) + direct
             count = max(bigrams, 0)
         else:
-            for j in range(bigrams):
-                index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
-                for piece in range(offsets[index], offsets[index + 1]):
-                    if count == max_tokens:
-                        break
-                    line[lead + count] = pieces[piece]
-                    count += 1
+            count = write_tokens(blob, start, bigrams, offsets, pieces, max_tokens, line, lead)
         lengths[row] = lead + count
         for column in range(lead + count, lead + max_tokens):
             line[column] = pad
+
+
+@numba.njit(cache=True)
+def write_tokens(blob, start, bigrams, offsets, pieces, keep, row, position):
+    """Write the first `keep` ids of the first `bigrams` bigrams from blob[start:] into `row` at `position`.
+
+    Returns how many ids were written (compiled; WordPiece pieces included).
+    """
+    written = 0
+    for j in range(bigrams):
+        index = (np.int64(blob[start + j]) << 8) | np.int64(blob[start + j + 1])
+        for piece in range(offsets[index], offsets[index + 1]):
+            if written == keep:
+                return written
+            row[position + written] = pieces[piece]
+            written += 1
+    return written
 
 
 @numba.njit(cache=True)

@@ -7,6 +7,7 @@ import io
 import logging
 import random
 
+import dpkt
 import pytest
 
 from capture_frames import (
@@ -20,9 +21,9 @@ from capture_frames import (
     pcapng_spb,
     udp_frame,
 )
+from etbert_jax.capture import reader as reader_module
 from etbert_jax.capture.decode import iter_packets
 from etbert_jax.capture.headers import apply_header_policy
-from etbert_jax.capture import reader as reader_module
 from etbert_jax.capture.reader import (
     MAX_RECORD_BYTES,
     CaptureFormatError,
@@ -347,3 +348,27 @@ def test_reading_is_streamed(shared_pcaps):
         remaining = sum(len(batch) for batch in batches)
     assert remaining + 10 == 3103
     assert counter.consumed == size
+
+
+def test_compiled_framing_matches_dpkt(sample_captures):
+    # Classic pcap and pcapng enhanced packet blocks are framed by compiled loops; dpkt reads the same
+    # records independently (pcapng timestamps are compared to the microsecond dpkt reports).
+    paths = sorted(path for path in sample_captures.rglob("*") if path.suffix in (".pcap", ".pcapng"))
+    pcapng = 0
+    for path in paths:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+            handle.seek(0)
+            reference = dpkt.pcapng.Reader(handle) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(handle)
+            expected = [(round(ts * 1e6), bytes(frame)) for ts, frame in reference]
+        pcapng += magic == b"\x0a\x0d\x0d\x0a"
+
+        for max_records in (4096, 3):
+            records = []
+            for batch in iter_record_batches(path, stats=SkipCounter(warn_limit=0), max_records=max_records):
+                assert len(batch) <= max_records
+                records.extend(batch.record(row) for row in range(len(batch)))
+            assert [record.data for record in records] == [frame for _, frame in expected], path
+            assert [record.index for record in records] == list(range(len(records)))
+            assert [round(record.ts_ns / 1000) for record in records] == [ts for ts, _ in expected], path
+    assert pcapng >= 3

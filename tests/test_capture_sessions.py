@@ -231,3 +231,50 @@ def test_iter_sessions_reports_bad_files(tmp_path):
     assert [s.total_packets for s in sessions] == [11]
     assert failures == [str(bad)]
     assert stats.packets_used == 11
+
+
+def _events_in_batches(path, max_records, **table_args):
+    """Run one capture through a table in batches of `max_records` records; return normalized events."""
+    from etbert_jax.capture.decode import iter_packet_batches
+
+    table = SessionTable(SessionOptions(), "anonymize", **table_args)
+    events = []
+    for batch in iter_packet_batches(path, stats=SkipCounter(warn_limit=0), max_records=max_records):
+        events.extend(table.add_batch(batch, "capture"))
+    events.extend(table.close_all())
+    return [(type(event).__name__, tuple(event) if isinstance(event, tuple) else
+             (event.session.index, event.session.packets, event.session.first_packets, event.session.end_reason))
+            for event in events]
+
+
+@pytest.mark.parametrize("name", ["tls13/arkime-curl-tls13.pcap", "quic/zeek-quic-doq.pcap",
+                                  "ssh/zeek-ssh-kex-mlkem-bulk.pcap"])
+def test_batch_size_does_not_change_events(sample_captures, name):
+    # BURSTs and first packets span batch boundaries; their bytes are filled in when each batch ends.
+    path = sample_captures / name
+    table_args = dict(keep_bytes_burst=64, keep_packets_flow=5, keep_bytes_flow=129, emit_packets=True,
+                      keep_bytes_packet=129)
+    whole = _events_in_batches(path, 4096, **table_args)
+    assert len(whole) > 10
+    assert _events_in_batches(path, 7, **table_args) == whole
+    assert _events_in_batches(path, 1, **table_args) == whole
+
+
+def test_single_packet_add_matches_batches(sample_captures):
+    from etbert_jax.capture.decode import iter_packets
+
+    path = sample_captures / "tls13" / "arkime-curl-tls13.pcap"
+    table = SessionTable(SessionOptions(), "anonymize", keep_bytes_burst=64, emit_packets=True)
+    one_by_one = []
+    for record, packet in iter_packets(path, stats=SkipCounter(warn_limit=0)):
+        one_by_one.extend(table.add(record.ts_ns, packet, record.data, "capture", record.index))
+    one_by_one.extend(table.close_all())
+
+    batched = list(iter_sessions([path], names=["capture"], keep_bytes_burst=64, emit_packets=True,
+                                 stats=SkipCounter(warn_limit=0)))
+    assert [type(event) for event in one_by_one] == [type(event) for event in batched]
+    for mine, theirs in zip(one_by_one, batched):
+        if isinstance(mine, SessionEnd):
+            assert mine.session.packets == theirs.session.packets
+        else:
+            assert mine == theirs

@@ -316,3 +316,60 @@ def test_packet_input_ids_match_concatenation(sample_captures, packet_seq_len):
         got = convert.packet_input_ids(data, vocab, settings)
         assert got.dtype == np.int64
         assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("seq_len", [5, 6, 40, 128])
+def test_pretrain_instances_match_per_pair(sample_captures, etbert_vocab_path, seq_len):
+    # One compiled loop builds every row; each row equals the per-pair instance, for both vocabularies.
+    frames = frames_of(sample_captures / TLS13)
+    rng = random.Random(seq_len)
+    pairs = []
+    for index in range(120):
+        a, b = rng.choice(frames)[: rng.randrange(2, 300)], rng.choice(frames)[: rng.randrange(2, 300)]
+        pairs.append((burst(f"k{index}", "s", a, b), b if index % 3 else a, index % 2))
+
+    for vocab in (Vocab.default(), Vocab.from_file(etbert_vocab_path)):
+        input_ids, segment_ids, lengths = convert.pretrain_instances(pairs, vocab, seq_len)
+        for row, (halves, b_half, _) in enumerate(pairs):
+            expected_ids, expected_segments = convert.pretrain_instance(
+                vocab.encode(halves.a), vocab.encode(b_half), vocab, seq_len)
+            assert lengths[row] == len(expected_ids)
+            assert np.array_equal(input_ids[row, : lengths[row]], expected_ids)
+            assert np.array_equal(segment_ids[row, : lengths[row]], expected_segments)
+
+
+def test_pretrain_examples_bytes_match_per_pair(sample_captures):
+    frames = frames_of(sample_captures / SSH)[:40]
+    pairs = [(burst(f"k{i}", f"s{i % 4}", frame[:30], frame[30:70]), frame[30:70], i % 2)
+             for i, frame in enumerate(frames) if len(frame) > 40]
+    vocab, settings = Vocab.default(), ConvertSettings()
+    batch = convert.pretrain_examples_bytes(pairs, vocab, settings)
+    for (halves, b_half, label), data in zip(pairs, batch):
+        ids, segments = convert.pretrain_instance(vocab.encode(halves.a), vocab.encode(b_half), vocab,
+                                                  settings.seq_len)
+        assert data == records.pretrain_example(ids, segments, label)
+
+
+def test_flow_input_ids_many_match_concatenation(sample_captures):
+    frames = frames_of(sample_captures / TLS13)
+    settings = ConvertSettings(flow_seq_len=300)
+    vocab = Vocab.default()
+    flows = [frames[start : start + count] for start, count in ((0, 5), (5, 1), (6, 9), (15, 0), (20, 3))]
+    ids, lengths = convert.flow_input_ids_many(flows, vocab, settings)
+    for row, packets in enumerate(flows):
+        parts = [[vocab.cls_id]] + [vocab.encode(data, 128)[:128] for data in packets[:5]]
+        expected = np.concatenate(parts)[:300]
+        assert np.array_equal(ids[row, : lengths[row]], expected)
+
+
+def test_finetune_examples_bytes_match_per_example(sample_captures):
+    settings, vocab = ConvertSettings(), Vocab.default()
+    examples = list(convert.iter_finetune_examples([str(sample_captures / TLS13)], settings, vocab))
+    labels = [index % 3 for index in range(len(examples))]
+    batch = convert.finetune_examples_bytes(examples, labels)
+    assert len(batch) == len(examples) > 10
+    for example, label, data in zip(examples, labels, batch):
+        assert data == records.finetune_example(example.input_ids, label, example.source, example.session,
+                                                example.packet_index)
+    with pytest.raises(ValueError, match="one label per example"):
+        convert.finetune_examples_bytes(examples, labels[:-1])

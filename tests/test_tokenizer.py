@@ -184,3 +184,36 @@ def test_missing_vocab_file(tmp_path):
     bad.write_text("[PAD]\n0000\n")
     with pytest.raises(ValueError, match="special tokens"):
         Vocab.from_file(bad)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 5, 128])
+@pytest.mark.parametrize("first_id", [None, 2])
+def test_encode_many_matches_encode_bigram(packet_bytes, max_tokens, first_id):
+    vocab = Vocab.default()
+    datas = packet_bytes[:200] + [b"", b"\x01", b"\x01\x02"]
+    ids, lengths = vocab.encode_many(datas, max_tokens, first_id)
+
+    lead = [] if first_id is None else [first_id]
+    assert ids.shape == (len(datas), len(lead) + max_tokens)
+    for row, data in enumerate(datas):
+        expected = np.concatenate([lead, vocab.encode(data, max_tokens)[:max_tokens]]).astype(np.int64)
+        assert lengths[row] == len(expected)
+        assert np.array_equal(ids[row, : lengths[row]], expected)
+        assert (ids[row, lengths[row]:] == vocab.pad_id).all()
+
+
+@pytest.mark.parametrize("max_tokens", [3, 128])
+def test_encode_many_matches_encode_wordpiece(etbert_vocab, packet_bytes, max_tokens):
+    # The ET-BERT file splits some bigrams into several pieces; rows are still cut to max_tokens ids.
+    datas = packet_bytes[:200]
+    ids, lengths = etbert_vocab.encode_many(datas, max_tokens)
+
+    for row, data in enumerate(datas):
+        expected = etbert_vocab.encode(data, max_tokens)[:max_tokens]
+        assert np.array_equal(ids[row, : lengths[row]], expected)
+        assert (ids[row, lengths[row]:] == etbert_vocab.pad_id).all()
+
+
+def test_encode_many_rejects_negative_max_tokens():
+    with pytest.raises(ValueError, match="max_tokens"):
+        Vocab.default().encode_many([b"abc"], -1)

@@ -1,7 +1,10 @@
-"""Decode link-layer, IP and TCP/UDP headers of one captured frame into offsets and fields.
+"""Decode link-layer, IP and TCP/UDP headers of captured frames into offsets and fields.
 
-`decode_packet(linktype, data, wire_len)` returns a `Packet` or a skip reason string. It reads headers
-with `struct.unpack_from` straight from the captured bytes and copies nothing.
+One compiled function, `_decode_frame` (numba), decodes every frame: `decode_batch` runs it over a
+`RecordBatch` and fills one row of int64 fields per frame (the column constants `IP_OFFSET`,
+`PROTO`, ... name them), and `decode_packet(linktype, data, wire_len)` runs it on one frame and
+returns a `Packet` or a skip reason string. Headers are read straight from the captured bytes;
+nothing is copied.
 
 Link types:
 - Ethernet (1) with any stack of 802.1Q/802.1ad tags (0x8100, 0x88a8, 0x9100, 0x9200), with MPLS
@@ -52,8 +55,9 @@ ACK = 0x10
 _ETHERTYPE_IPV4 = 0x0800
 _ETHERTYPE_IPV6 = 0x86DD
 _ETHERTYPE_PPPOE_SESSION = 0x8864
-# IPv6 extension headers walked to reach TCP/UDP: hop-by-hop (0), routing (43), destination options
-# (60) and mobility (135) take (length + 1) * 8 bytes; the fragment header (44) 8; AH (51) (length + 2) * 4.
+# IPv6 extension headers walked to reach TCP/UDP. Hop-by-hop (0), routing (43), destination options
+# (60) and mobility (135) take (length + 1) * 8 bytes, the fragment header (44) takes 8 bytes and
+# AH (51) takes (length + 2) * 4 bytes.
 _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
 # BSD NULL/LOOP address families 24, 28 and 30 mean IPv6 (the value differs between BSDs).
@@ -194,6 +198,8 @@ def iter_packets(
 
 # ---------------------------------------------------------------------------------------------------
 # The compiled decoder. Every frame, batched or single, goes through `_decode_frame`.
+# NOTE: numba compiles these functions on their first call in a new environment (seconds) and caches
+# the machine code in __pycache__; docs/limitations.md gives the numbers.
 
 # Columns of the int64 field table that `decode_frames` fills, one row per frame.
 STATUS, IP_OFFSET, IP_VERSION, PROTO, SPORT, DPORT, L4_OFFSET, PAYLOAD_OFFSET, END, TCP_FLAGS, SEQ, ACK_NUMBER, \

@@ -78,7 +78,7 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _CHUNK = 64 * 1024
 # Bytes of a classic pcap read at once; its records are framed together.
 _BLOCK = 1 << 20
-# Most records in one `RecordBatch`.
+# Maximum number of records in one `RecordBatch`.
 BATCH_RECORDS = 4096
 
 
@@ -414,7 +414,7 @@ def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter,
                 ended = True
 
         block = np.frombuffer(pending, dtype=np.uint8)
-        count, pos, why = _frame_pcap(block, 0, order == ">", limit, *columns)
+        count, pos, stop_reason = _frame_pcap(block, 0, order == ">", limit, *columns)
         if count:
             starts, caplens, wire_lens, seconds, fractions = (column[:count].copy() for column in columns)
             stats.count_read(count)
@@ -430,7 +430,7 @@ def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter,
         base += pos
         where = f"record {index} at byte offset {base}"
 
-        if why == _ABSURD:
+        if stop_reason == _ABSURD:
             caplen = struct.unpack_from(order + "I", pending, 8)[0]
             stats.count_read()
             stats.count_skipped(
@@ -439,7 +439,7 @@ def _iter_pcap(stream: _Stream, magic: bytes, name: str, stats: SkipCounter,
                 "record boundaries are lost, so the rest of the file is not read",
             )
             return
-        if why == _FULL or not ended:
+        if stop_reason == _FULL or not ended:
             continue
         if failure is not None:
             # Only a damaged or cut gzip stream fails here.

@@ -546,10 +546,10 @@ class _PendingBytes:
             np.array(self.sender_base, dtype=np.int64), np.array(self.receiver_base, dtype=np.int64), width)
         blob = out.tobytes()
         row_width = out.shape[1]
-        kept = [blob[j * row_width : j * row_width + length] for j, length in enumerate(lengths.tolist())]
+        kept_bytes = [blob[j * row_width : j * row_width + length] for j, length in enumerate(lengths.tolist())]
 
         for items, keep in self.lists.values():
-            items[:] = [(kept[item][:keep] if keep is not None else kept[item]) if item.__class__ is int else item
+            items[:] = [(kept_bytes[item][:keep] if keep is not None else kept_bytes[item]) if item.__class__ is int else item
                         for item in items]
         for position in self.burst_events:
             key, session_index, direction, packets, source, first_ts_ns, number = events[position]
@@ -558,7 +558,7 @@ class _PendingBytes:
         keep = table.keep_bytes_packet
         for position in self.packet_events:
             key, session_index, direction, number, ref, source, index, ts_ns, name = events[position]
-            data = kept[ref] if keep is None else kept[ref][:keep]
+            data = kept_bytes[ref] if keep is None else kept_bytes[ref][:keep]
             events[position] = _new_tuple(PacketBytes, (key, session_index, direction, number, data, source, index,
                                                         ts_ns, name))
 
