@@ -16,10 +16,13 @@ least `--min-packets` packets):
   It stops at that text. ET-BERT's `get_feature_packet` also copies each packet before `bytes()` and
   then runs UER's WordPiece tokenizer over the text, so this reference is faster than ET-BERT's code.
 
-Each method first runs once, untimed, on the first capture (this loads the compiled numba kernels,
-or compiles them on a fresh checkout). Then each runs `--repeats` times, round-robin, so background
-load hits all of them alike; the ratios use the best run of each. Every file is its own conversion
-unit, so repeated copies never share sessions.
+Each run of a method happens in a fresh child process that imports only what that method needs, so
+one method's imports and garbage never slow another down (scapy alone brings about 100,000 Python
+objects, which every full garbage collection then scans). The child first runs the method once,
+untimed, on one capture of each format, which loads the compiled numba kernels (or compiles them on
+a fresh checkout). Then it times one run over the whole workload. Methods run `--repeats` times,
+round-robin, so background load hits all of them alike; the ratios use the best run of each. Every
+file is its own conversion unit, so repeated copies never share sessions.
 
 Peak memory: the core runs in a subprocess on one capture (`--rss-capture`, default the classic pcap
 with the most packets) and on a copy of it concatenated `--rss-copies` times, with each copy's
@@ -76,6 +79,8 @@ ETBERT_TOKENS_PER_PACKET = 128
 # Gap added between concatenated copies of the memory-test capture. It is longer than the default idle
 # (120 s) and active (3600 s) session timeouts, so no session spans two copies.
 COPY_GAP_NS = 2 * 3600 * 1_000_000_000
+# The timed methods, in the order of each round.
+METHODS = ("dpkt-floor", "ours-pretrain", "ours-finetune", "scapy-etbert")
 # DLT numbers the dpkt floor decodes.
 DLT_NULL = 0
 DLT_EN10MB = 1
@@ -234,21 +239,28 @@ def run_ours_pretrain(paths: Sequence[pathlib.Path], settings: convert.ConvertSe
 
 # ---- throughput ----------------------------------------------------------------------------------
 
-def time_methods(methods: dict[str, Callable[[], int]], repeats: dict[str, int]) -> dict[str, dict]:
-    """Run the methods round-robin and return packets, timings and packets/s (best and median) of each."""
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
+def time_methods(names: Sequence[str], repeats: dict[str, int], child_args: list[str]) -> dict[str, dict]:
+    """Run the methods round-robin, each run in a fresh child process; return packets, timings and packets/s.
+
+    A child imports only what its method needs, warms it up untimed on the first capture and times one
+    run over the whole workload (see `time_child`).
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     packets: dict[str, int] = {}
     for round_index in range(max(repeats.values())):
-        for name, method in methods.items():
+        for name in names:
             if round_index >= repeats[name]:
                 continue
-            start = time.perf_counter()
-            count = method()
-            elapsed = time.perf_counter() - start
-            seconds[name].append(elapsed)
-            packets[name] = count
+            command = [sys.executable, __file__, "--time-child", name, *child_args]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"timing {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            seconds[name].append(result["seconds"])
+            packets[name] = result["packets"]
             log.info("round %d %-14s %8d packets in %7.2f s (%9.0f packets/s)",
-                     round_index + 1, name, count, elapsed, count / elapsed)
+                     round_index + 1, name, result["packets"], result["seconds"],
+                     result["packets"] / result["seconds"])
 
     results = {}
     for name, times in seconds.items():
@@ -259,6 +271,46 @@ def time_methods(methods: dict[str, Callable[[], int]], repeats: dict[str, int])
             "median_packets_per_s": packets[name] / statistics.median(times),
         }
     return results
+
+
+def warm_up_files(files: Sequence[pathlib.Path]) -> list[pathlib.Path]:
+    """Return the first capture of each format (by magic bytes), so a warm-up touches every code path."""
+    firsts: dict[bytes, pathlib.Path] = {}
+    for path in files:
+        with open(path, "rb") as handle:
+            firsts.setdefault(handle.read(4), path)
+    return list(firsts.values())
+
+
+def method_runner(name: str, files: Sequence[pathlib.Path], workload: Sequence[pathlib.Path]) -> Callable[[], int]:
+    """Import what method `name` needs; warm it up untimed on one capture per format; return the timed run."""
+    warm_up = warm_up_files(files)
+    if name == "dpkt-floor":
+        run_dpkt_floor(warm_up)
+        return lambda: run_dpkt_floor(workload)
+    if name == "scapy-etbert":
+        rdpcap = import_scapy()
+        run_scapy_etbert(warm_up, rdpcap)
+        return lambda: run_scapy_etbert(workload, rdpcap)
+
+    # Warm-up loads the compiled numba kernels of the capture layer and the record encoders (or, on a
+    # fresh checkout, compiles them).
+    settings, vocab = convert.ConvertSettings(), Vocab.default()
+    if name == "ours-pretrain":
+        run_ours_pretrain(warm_up, settings, vocab)
+        return lambda: run_ours_pretrain(workload, settings, vocab)
+    if name == "ours-finetune":
+        run_ours_finetune(warm_up, settings, vocab)
+        return lambda: run_ours_finetune(workload, settings, vocab)
+    raise SystemExit(f"unknown method {name!r}; expected one of {METHODS}")
+
+
+def time_child(name: str, files: Sequence[pathlib.Path], workload: Sequence[pathlib.Path]) -> None:
+    """Time one run of method `name` in this process and print {"packets", "seconds"} as one JSON line."""
+    run = method_runner(name, files, workload)
+    start = time.perf_counter()
+    count = run()
+    print(json.dumps({"packets": count, "seconds": time.perf_counter() - start}))
 
 
 def profile_method(name: str, method: Callable[[], int], top: int) -> list[dict]:
@@ -445,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "print the N functions with the most own time (default: 0, no profile)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show the capture layer's skipped-packet warnings")
+    parser.add_argument("--time-child", choices=METHODS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-kind", choices=("pretrain", "finetune"), default="finetune", help=argparse.SUPPRESS)
     parser.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
@@ -472,28 +525,18 @@ def main(argv: list[str] | None = None) -> int:
     counts = {path: dpkt_count(path) for path in files}
     workload = repeat_to(files, counts, args.min_packets)
     total = sum(counts[path] for path in workload)
+    if args.time_child is not None:
+        time_child(args.time_child, files, workload)
+        return 0
     log.info("%d captures, %d packets per pass; %d file reads and %d packets per method run",
              len(files), sum(counts.values()), len(workload), total)
 
-    settings, vocab = convert.ConvertSettings(), Vocab.default()
-    rdpcap = import_scapy()
-    methods = {
-        "dpkt-floor": lambda: run_dpkt_floor(workload),
-        "ours-pretrain": lambda: run_ours_pretrain(workload, settings, vocab),
-        "ours-finetune": lambda: run_ours_finetune(workload, settings, vocab),
-        "scapy-etbert": lambda: run_scapy_etbert(workload, rdpcap),
-    }
-    repeats = {name: args.repeats for name in methods}
+    import_scapy()  # fail early, before any timing, when scapy is missing
+    repeats = {name: args.repeats for name in METHODS}
     repeats["scapy-etbert"] = args.scapy_repeats
-
-    # Untimed warm-up on the first capture: loads (or, on a fresh checkout, compiles) the numba kernels
-    # of the capture layer and the record encoders, and imports what each reference imports lazily.
-    warm_up = files[:1]
-    run_dpkt_floor(warm_up)
-    run_ours_pretrain(warm_up, settings, vocab)
-    run_ours_finetune(warm_up, settings, vocab)
-    run_scapy_etbert(warm_up, rdpcap)
-    throughput = time_methods(methods, repeats)
+    child_args = ["--captures", str(args.captures), "--min-packets", str(args.min_packets)]
+    throughput = time_methods(METHODS, repeats, child_args)
+    settings, vocab = convert.ConvertSettings(), Vocab.default()
     mismatched = {name: row["packets"] for name, row in throughput.items() if row["packets"] != total}
     if mismatched:
         log.warning("packet counts differ from dpkt's %d: %s", total, mismatched)

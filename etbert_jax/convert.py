@@ -57,6 +57,8 @@ from etbert_jax.tokenizer import Vocab, bigram_words, pack_bytes, pieces_count, 
 LEVELS = ("packet", "flow")
 # Builds a named tuple from a tuple of all its fields, without its Python-level constructor.
 _new_tuple = tuple.__new__
+# SBP pairs tokenized and serialized together by `pretrain_examples_bytes`.
+_PAIRS_PER_CHUNK = 512
 # Sort key of BURSTs inside a pairing bucket: (digest, key).
 _BY_DIGEST = operator.itemgetter(4, 0)
 
@@ -190,27 +192,25 @@ def iter_burst_halves(paths: Sequence[str], names: Sequence[str], unit: str, set
         paths, settings.session_options, settings.header_policy, stats=stats, names=names,
         on_format_error=on_format_error, keep_bytes_burst=settings.bytes_per_packet, keep_packets_flow=0,
         keep_bytes_flow=0)
+    counts["bursts_too_short"] += 0  # present in the manifest even when no BURST is too short
     for events in event_lists:
-        sessions = bursts = too_short = 0
-        for event in events:
-            if event.__class__ is SessionEnd:
-                sessions += 1
-                continue
-            if event.__class__ is not Burst:
-                continue
-            bursts += 1
-            data = b"".join(event.packets)
+        bursts = [event for event in events if event.__class__ is Burst]
+        counts["sessions"] += sum(1 for event in events if event.__class__ is SessionEnd)
+        counts["bursts"] += len(bursts)
+        # Session ids of this list's BURSTs, built once per session.
+        session_ids: dict[int, str] = {}
+        for burst in bursts:
+            data = b"".join(burst.packets)
             if len(data) < 4:
-                too_short += 1
+                counts["bursts_too_short"] += 1
                 continue
             a, b = split_burst(data)
-            session = f"{unit}#{event.session_index:09d}"
-            key = f"{session}#{event.number:09d}"
+            session = session_ids.get(burst.session_index)
+            if session is None:
+                session = session_ids[burst.session_index] = f"{unit}#{burst.session_index:09d}"
+            key = f"{session}#{burst.number:09d}"
             # `BurstHalves.of` without its Python-level constructor: this runs once per BURST.
             yield _new_tuple(BurstHalves, (key, session, a, b, stable_hash(key)))
-        counts["sessions"] += sessions
-        counts["bursts"] += bursts
-        counts["bursts_too_short"] += too_short
 
 
 def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSettings,
@@ -224,36 +224,41 @@ def pair_bucket(bursts: Iterable[BurstHalves], bucket: int, settings: ConvertSet
     """
     ordered = sorted(bursts, key=_BY_DIGEST)
     size = len(ordered)
-    sessions = [item.session for item in ordered]
+    if size == 0:
+        return []
+    codes: dict[str, int] = {}
+    sessions = np.array([codes.setdefault(item.session, len(codes)) for item in ordered], dtype=np.int64)
+    partners = _next_other_session(sessions).tolist()
 
-    # next_other[i] is the first position after i, going round the ring, whose session differs from
-    # position i's, or None when the whole bucket is one session. Two backward passes cover the wrap,
-    # so the search is linear in the bucket size.
-    next_other: list[int | None] = [None] * size
+    rng = random.Random(f"{settings.seed}:pairs:{bucket}")
+    chosen = [rng.random() < settings.negative_ratio for _ in range(size)]
+    negative = [choose and partner >= 0 for choose, partner in zip(chosen, partners)]
+    pairs = [(item, ordered[partner].b, 1) if is_negative else (item, item.b, 0)
+             for item, partner, is_negative in zip(ordered, partners, negative)]
+
+    negatives = sum(negative)
+    counts["positives"] += size - negatives
+    counts["negatives"] += negatives
+    counts["negatives_unavailable"] += sum(chosen) - negatives
+    return pairs
+
+
+@numba.njit(cache=True)
+def _next_other_session(sessions):
+    """Return, for each position, the first position after it round the ring with another session (-1: none).
+
+    Two backward passes cover the wrap, so the search is linear in the bucket size.
+    """
+    size = sessions.shape[0]
+    following_other = np.full(size, -1, dtype=np.int64)
     for step in range(2 * size - 1, -1, -1):
         position = step % size
         following = (position + 1) % size
         if sessions[following] != sessions[position]:
-            next_other[position] = following
+            following_other[position] = following
         else:
-            next_other[position] = next_other[following]
-
-    rng = random.Random(f"{settings.seed}:pairs:{bucket}")
-    pairs = []
-    for position, burst in enumerate(ordered):
-        if rng.random() >= settings.negative_ratio:
-            pairs.append((burst, burst.b, 0))
-            counts["positives"] += 1
-            continue
-        partner = next_other[position]
-        if partner is None:
-            pairs.append((burst, burst.b, 0))
-            counts["positives"] += 1
-            counts["negatives_unavailable"] += 1
-        else:
-            pairs.append((burst, ordered[partner].b, 1))
-            counts["negatives"] += 1
-    return pairs
+            following_other[position] = following_other[following]
+    return following_other
 
 
 @numba.njit(cache=True)
@@ -335,11 +340,14 @@ def _pair_rows(blob, starts, sizes, offsets, pieces, cls_id, sep_id, input_ids, 
 def pretrain_examples_bytes(pairs: Sequence[tuple[BurstHalves, bytes, int]], vocab: Vocab,
                             settings: ConvertSettings) -> list[bytes]:
     """Tokenize SBP pairs (BURST, B half, label) and serialize each as a pre-training `tf.train.Example`."""
-    if not pairs:
-        return []
-    input_ids, segment_ids, lengths = pretrain_instances(pairs, vocab, settings.seq_len)
-    labels = np.fromiter((label for _, _, label in pairs), dtype=np.int64, count=len(pairs))
-    return records.pretrain_examples(input_ids, lengths, segment_ids, labels)
+    examples = []
+    # Chunks keep the id, segment and output arrays small enough to stay in the processor's caches.
+    for start in range(0, len(pairs), _PAIRS_PER_CHUNK):
+        chunk = pairs[start : start + _PAIRS_PER_CHUNK]
+        input_ids, segment_ids, lengths = pretrain_instances(chunk, vocab, settings.seq_len)
+        labels = np.fromiter((label for _, _, label in chunk), dtype=np.int64, count=len(chunk))
+        examples.extend(records.pretrain_examples(input_ids, lengths, segment_ids, labels))
+    return examples
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------
