@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import random
+import zlib
 
 import dpkt
 import pytest
@@ -372,3 +374,114 @@ def test_compiled_framing_matches_dpkt(sample_captures):
             assert [record.index for record in records] == list(range(len(records)))
             assert [round(record.ts_ns / 1000) for record in records] == [ts for ts, _ in expected], path
     assert pcapng >= 3
+
+
+@pytest.mark.parametrize("offset_s", [(1 << 63) - 1, -(1 << 63), 9_000_000_000])
+def test_huge_time_offset_clamped(tmp_path, offset_s):
+    # Timestamps past int64 nanoseconds are clamped on the compiled path as on the Python path.
+    frames = [udp_frame("192.0.2.1", "192.0.2.2", 1000, 53, bytes([i])) for i in range(4)]
+    blocks = [pcapng_epb(0, 10**9 * (i + 1), frame) for i, frame in enumerate(frames)]
+    path = tmp_path / "offset.pcapng"
+    path.write_bytes(pcapng_section() + pcapng_interface(tsresol=9, tsoffset=offset_s) + b"".join(blocks))
+    stats = SkipCounter()
+
+    records = read_all(path, stats)
+
+    assert [r.data for r in records] == frames
+    exact = [offset_s * 10**9 + 10**9 * (i + 1) for i in range(4)]
+    assert [r.ts_ns for r in records] == [min(max(t, -(1 << 63)), (1 << 63) - 1) for t in exact]
+    assert stats.packets_read == 4
+
+
+def _pcap_of(count):
+    frames = [(i * 1000, udp_frame("192.0.2.1", "192.0.2.2", 1000, 53, i.to_bytes(4, "big") * 40))
+              for i in range(count)]
+    return frames, pcap_bytes(frames)
+
+
+def test_cut_gzip_keeps_records(tmp_path):
+    frames, plain = _pcap_of(3000)
+    packed = gzip_bytes(plain)
+    cut = packed[: len(packed) * 3 // 4]
+    recoverable = zlib.decompressobj(wbits=31).decompress(cut)
+    whole_records = (len(recoverable) - 24) // (16 + len(frames[0][1]))
+    path = tmp_path / "cut.pcap.gz"
+    path.write_bytes(cut)
+    stats = SkipCounter()
+
+    records = read_all(path, stats)
+
+    assert len(records) == whole_records
+    assert whole_records > 2000
+    assert [r.data for r in records] == [f for _, f in frames[:whole_records]]
+    assert stats.packets_read == len(records) + stats.total_skipped
+
+
+def test_gzip_trailing_garbage_ignored(tmp_path, caplog):
+    frames, plain = _pcap_of(3000)
+    path = tmp_path / "junk.pcap.gz"
+    path.write_bytes(gzip_bytes(plain) + b"JUNKJUNK")
+
+    with caplog.at_level(logging.WARNING):
+        records = read_all(path)
+
+    assert len(records) == 3000
+    assert any("not gzip; they are ignored" in message for message in caplog.messages)
+
+
+def test_gzip_without_trailer_reads_all(tmp_path):
+    frames, plain = _pcap_of(5)
+    packed = gzip_bytes(plain)
+    path = tmp_path / "small.pcap.gz"
+    # Without its 8-byte trailer the stream has every record but no end marker.
+    path.write_bytes(packed[:-8])
+    stats = SkipCounter()
+
+    records = read_all(path, stats)
+
+    assert [r.data for r in records] == [f for _, f in frames]
+    assert stats.packets_read == len(records) + stats.total_skipped
+
+
+def test_non_regular_files_rejected(tmp_path):
+    fifo = tmp_path / "pipe.pcap"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.pcap"
+    folder.mkdir()
+    dangling = tmp_path / "gone.pcap"
+    dangling.symlink_to(tmp_path / "missing.pcap")
+
+    for path, reason in [(fifo, "not a regular file"), (folder, "is a directory"), (dangling, "cannot read")]:
+        with pytest.raises(CaptureFormatError, match=reason):
+            read_all(path)
+
+
+def test_many_interface_blocks(tmp_path):
+    interfaces = b"".join(pcapng_interface(linktype=1) for _ in range(3000))
+    frames = [udp_frame("192.0.2.1", "192.0.2.2", 1000, 53, bytes([i])) for i in range(3)]
+    blocks = b"".join(pcapng_epb(2999, 1000 * i, frame) + pcapng_interface(linktype=1) for i, frame in enumerate(frames))
+    path = tmp_path / "many.pcapng"
+    path.write_bytes(pcapng_section() + interfaces + blocks)
+
+    records = read_all(path)
+
+    assert [r.data for r in records] == frames
+    assert [r.ts_ns for r in records] == [1000 * i * 1000 for i in range(3)]
+
+
+@pytest.mark.parametrize("tsresol", [0x80 | 20, 0x80 | 32, 6, 9, 12])
+def test_pcapng_resolution_exact_ns(tmp_path, tsresol):
+    # Units of a 2026 timestamp at the interface's resolution, or of an earlier one where 64 bits of
+    # picoseconds do not reach 2026.
+    exponent = tsresol & 0x7F
+    per_second = (1 << exponent) if tsresol & 0x80 else 10 ** exponent
+    seconds = min(1_796_400_000, (1 << 63) // per_second // 2)
+    frames = [udp_frame("192.0.2.1", "192.0.2.2", 1000, 53, bytes([i])) for i in range(3)]
+    units = [seconds * per_second + i * (per_second // 3 + 1) for i in range(3)]
+    path = tmp_path / "resolution.pcapng"
+    path.write_bytes(pcapng_section() + pcapng_interface(tsresol=tsresol)
+                     + b"".join(pcapng_epb(0, u, f) for u, f in zip(units, frames)))
+
+    records = read_all(path)
+
+    assert [r.ts_ns for r in records] == [u * 10**9 // per_second for u in units]

@@ -233,6 +233,24 @@ def test_iter_sessions_reports_bad_files(tmp_path):
     assert stats.packets_used == 11
 
 
+def test_series_reports_unreadable_file(tmp_path):
+    first = tmp_path / "d_1.pcap"
+    first.write_bytes(pcap_bytes(handshake_and_data()))
+    dangling = tmp_path / "d_2.pcap"
+    dangling.symlink_to(tmp_path / "missing.pcap")
+    failures = []
+    stats = SkipCounter()
+
+    events = list(iter_sessions([first, dangling], stats=stats,
+                                on_format_error=lambda name, err: failures.append((name, err.reason))))
+
+    sessions, _ = collect_sessions(events)
+    assert [s.total_packets for s in sessions] == [11]
+    assert [name for name, _ in failures] == [str(dangling)]
+    assert "cannot read" in failures[0][1]
+    assert stats.packets_used == 11
+
+
 def _events_in_batches(path, max_records, **table_args):
     """Run one capture through a table in batches of `max_records` records; return normalized events."""
     from etbert_jax.capture.decode import iter_packet_batches

@@ -33,10 +33,9 @@ Files that are not captures at all raise `CaptureFormatError`. Valid files witho
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import io
 import logging
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -246,10 +245,29 @@ def iter_record_batches(
     stats = stats if stats is not None else SkipCounter()
     label = source_name(source, name)
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as handle:
+        with _open_capture_file(source, label) as handle:
             yield from _iter_stream(handle, label, stats, max_records)
     else:
         yield from _iter_stream(source, label, stats, max_records)
+
+
+def _open_capture_file(path: str | os.PathLike, name: str) -> BinaryIO:
+    """Open a regular file for reading; raise CaptureFormatError for anything else.
+
+    A FIFO or device would block or never end, so only regular files (or links to them) are opened.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise CaptureFormatError(name, f"cannot read the file: {err.strerror or err}") from err
+    if stat.S_ISDIR(mode):
+        raise CaptureFormatError(name, "is a directory, not a capture file")
+    if not stat.S_ISREG(mode):
+        raise CaptureFormatError(name, "is not a regular file (a FIFO, socket or device); expected a capture file")
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise CaptureFormatError(name, f"cannot read the file: {err.strerror or err}") from err
 
 
 def _batched(items: Iterator[Record | RecordBatch], max_records: int) -> Iterator[RecordBatch]:
@@ -310,34 +328,79 @@ def _iter_stream(handle: BinaryIO, name: str, stats: SkipCounter, max_records: i
 
 def _open_gzip(handle: BinaryIO, magic: bytes, name: str) -> _Stream:
     # The magic bytes are already consumed, so they are replayed in front of the rest of the file.
-    inner = gzip.GzipFile(fileobj=io.BufferedReader(_PrefixedReader(magic, handle), buffer_size=_CHUNK), mode="rb")
-    stream = _Stream(io.BufferedReader(inner, buffer_size=_CHUNK))
+    inner = _GunzipReader(magic, handle, name)
     try:
-        stream.raw.peek(1)
-    except (EOFError, OSError, zlib.error) as err:
+        first = inner.read(1)
+    except (EOFError, zlib.error) as err:
         raise CaptureFormatError(name, f"invalid gzip data ({err}); the file looks compressed but is damaged") from err
-    return stream
+    return _Stream(inner, prefix=first)
 
 
-class _PrefixedReader(io.RawIOBase):
-    """Replay already-consumed magic bytes in front of the rest of a stream."""
+class _GunzipReader:
+    """Decompress a gzip file incrementally; `read` returns every byte decompressed before damage.
 
-    def __init__(self, prefix: bytes, rest: BinaryIO) -> None:
-        self._prefix = prefix
+    `gzip.GzipFile` raises on a cut or corrupt stream and drops what it decompressed in that call.
+    Here the error is raised only once the good bytes are used up. Several members are read one
+    after the other, as `zcat` does. Bytes after the last member that do not start another member
+    are ignored with a warning.
+    """
+
+    def __init__(self, magic: bytes, rest: BinaryIO, name: str) -> None:
         self._rest = rest
+        self._name = name
+        self._decoder = zlib.decompressobj(wbits=31)
+        # Compressed bytes read but not yet given to the decoder.
+        self._input = magic
+        self._output = b""
+        self._started = False
+        self._error: Exception | None = None
+        self._done = False
 
-    def readable(self) -> bool:
-        return True
+    def read(self, n: int) -> bytes:
+        while not self._output and not self._done:
+            self._decompress_more()
+        if not self._output:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            return b""
+        out, self._output = self._output[:n], self._output[n:]
+        return out
 
-    def readinto(self, buffer) -> int:
-        if self._prefix:
-            n = min(len(buffer), len(self._prefix))
-            buffer[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        data = self._rest.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    def _decompress_more(self) -> None:
+        data = self._decoder.unconsumed_tail or self._input
+        self._input = b""
+        if not data:
+            data = self._rest.read(_CHUNK)
+            if not data:
+                if self._started and not self._decoder.eof:
+                    self._error = EOFError("compressed file ended before the end-of-stream marker was reached")
+                self._done = True
+                return
+        self._started = True
+        try:
+            self._output += self._decoder.decompress(data, _CHUNK)
+        except zlib.error as err:
+            self._error = err
+            self._done = True
+            return
+        if not self._decoder.eof:
+            return
+
+        # One member ended: another may follow.
+        following = self._decoder.unused_data
+        if len(following) < 2:
+            following += self._rest.read(2 - len(following))
+        if not following:
+            self._done = True
+        elif following[:2] == _GZIP_MAGIC:
+            self._decoder = zlib.decompressobj(wbits=31)
+            self._input = following
+            self._started = False
+        else:
+            logger.warning("%s: %d or more bytes after the gzip data are not gzip; they are ignored",
+                           self._name, len(following))
+            self._done = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -486,12 +549,16 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter,
     # it framed none, so that files of mostly other blocks are not copied around in large pieces.
     fast_read = _BLOCK
     columns = [np.empty(max_records, dtype=np.int64) for _ in range(6)]
+    # The interface columns the compiled framer reads; rebuilt only after the interfaces change.
+    interface_table: _InterfaceTable | None = None
 
     while True:
-        if interfaces:
+        if interfaces and _next_block_type(stream, order) == PCAPNG_EPB:
             # Fast path: frame the run of well-formed enhanced packet blocks that starts here. Anything
             # else (other blocks, damage, the end of the file) is left to the block-by-block code below.
-            batch = _frame_pcapng_run(stream, order, interfaces, index, fast_read, columns)
+            if interface_table is None:
+                interface_table = _InterfaceTable.of(interfaces)
+            batch = _frame_pcapng_run(stream, order, interface_table, index, fast_read, columns)
             if batch is not None:
                 stats.count_read(len(batch))
                 index += len(batch)
@@ -524,6 +591,7 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter,
             if order is None:
                 return
             interfaces = []
+            interface_table = None
             continue
 
         length = struct.unpack(order + "I", head[4:])[0]
@@ -559,6 +627,7 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter,
 
         if block_type == PCAPNG_IDB:
             interfaces.append(_parse_interface(body, order, name, offset))
+            interface_table = None
             continue
         if not is_packet:
             continue
@@ -571,15 +640,49 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter,
 
 
 # Bytes the pcapng framer reads when its last attempt framed nothing.
-_SMALL_READ = 64 * 1024
+_SMALL_READ = 4 * 1024
 # Why `_frame_epbs` stopped: the next block is not complete in the buffer, is not a well-formed
 # enhanced packet block, or the batch is full.
 _EPB_NEED_MORE, _EPB_OTHER, _EPB_FULL = 0, 1, 2
 # Largest timestamp unit count times multiplier that the compiled framer computes in int64.
 _MAX_SCALED_UNITS = 1 << 62
+# Largest interface time offset (if_tsoffset) the compiled framer adds: with a scaled timestamp of at
+# most 2^62 the sum stays inside int64.
+_MAX_FAST_OFFSET_NS = 1 << 61
 
 
-def _frame_pcapng_run(stream: _Stream, order: str, interfaces: list[_Interface], index: int, size: int,
+@dataclasses.dataclass(frozen=True, slots=True)
+class _InterfaceTable:
+    """Per-interface columns for the compiled framer; `divs` is 0 where only the Python reader can go."""
+
+    linktypes: np.ndarray
+    muls: np.ndarray
+    divs: np.ndarray
+    offsets_ns: np.ndarray
+
+    @classmethod
+    def of(cls, interfaces: list[_Interface]) -> _InterfaceTable:
+        # A huge resolution or time offset needs Python's unbounded integers.
+        usable = [i.div * i.mul <= _MAX_SCALED_UNITS and abs(i.offset_ns) <= _MAX_FAST_OFFSET_NS for i in interfaces]
+        column = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
+        return cls(linktypes=column([i.linktype for i in interfaces]),
+                   muls=column([i.mul if ok else 1 for i, ok in zip(interfaces, usable)]),
+                   divs=column([i.div if ok else 0 for i, ok in zip(interfaces, usable)]),
+                   offsets_ns=column([i.offset_ns if ok else 0 for i, ok in zip(interfaces, usable)]))
+
+
+def _next_block_type(stream: _Stream, order: str) -> int | None:
+    """Return the type of the next pcapng block without consuming it; None at the end or on damage."""
+    try:
+        head = stream.read(4)
+    except _Truncated:
+        return None
+    stream.prefix = head + stream.prefix
+    stream.pos -= len(head)
+    return struct.unpack(order + "I", head)[0] if len(head) == 4 else None
+
+
+def _frame_pcapng_run(stream: _Stream, order: str, table: _InterfaceTable, index: int, size: int,
                       columns: list[np.ndarray]) -> RecordBatch | None:
     """Frame consecutive enhanced packet blocks from the stream; return them, or None if none framed.
 
@@ -594,15 +697,9 @@ def _frame_pcapng_run(stream: _Stream, order: str, interfaces: list[_Interface],
         return None
     if not chunk:
         return None
-    usable = [interface.div < (1 << 62) for interface in interfaces]
     block = np.frombuffer(chunk, dtype=np.uint8)
-    count, pos, _ = _frame_epbs(
-        block, order == ">",
-        np.array([i.linktype for i in interfaces], dtype=np.int64),
-        np.array([i.mul if ok else 1 for i, ok in zip(interfaces, usable)], dtype=np.int64),
-        np.array([i.div if ok else 0 for i, ok in zip(interfaces, usable)], dtype=np.int64),
-        np.array([i.offset_ns if ok else 0 for i, ok in zip(interfaces, usable)], dtype=np.int64),
-        MAX_PACKET_BLOCK_BYTES, *columns)
+    count, pos, _ = _frame_epbs(block, order == ">", table.linktypes, table.muls, table.divs, table.offsets_ns,
+                                MAX_PACKET_BLOCK_BYTES, *columns)
     stream.prefix = chunk[pos:] + stream.prefix
     stream.pos = base + pos
     if count == 0:
@@ -617,8 +714,9 @@ def _frame_epbs(block, big_endian, linktypes_by_id, muls, divs, offsets_ns, max_
                 linktypes, ts_ns, positions):
     """Frame well-formed enhanced packet blocks from the start of `block`; return (records, end, why stopped).
 
-    An interface whose `divs` entry is 0 cannot be handled here, nor can a timestamp whose scaled value
-    might not fit int64; the framer stops before such a block.
+    An interface whose `divs` entry is 0 cannot be handled here (the table guarantees div * mul <= 2^62
+    for the others), nor can a timestamp whose scaled value might not fit int64; the framer stops
+    before such a block.
     """
     count = 0
     pos = 0
@@ -640,13 +738,16 @@ def _frame_epbs(block, big_endian, linktypes_by_id, muls, divs, offsets_ns, max_
         if caplen > length - 32 or interface >= linktypes_by_id.shape[0] or divs[interface] == 0:
             return count, pos, _EPB_OTHER
         units = (_u32_at(block, pos + 12, big_endian) << 32) | _u32_at(block, pos + 16, big_endian)
-        if units < 0 or units > _MAX_SCALED_UNITS // muls[interface]:
+        # units * mul // div, split so that no product leaves int64: units = whole * div + part.
+        whole = units // divs[interface]
+        part = units - whole * divs[interface]
+        if units < 0 or whole > _MAX_SCALED_UNITS // muls[interface]:
             return count, pos, _EPB_OTHER
         starts[count] = pos + 28
         caplens[count] = caplen
         wire_lens[count] = _u32_at(block, pos + 24, big_endian)
         linktypes[count] = linktypes_by_id[interface]
-        ts_ns[count] = units * muls[interface] // divs[interface] + offsets_ns[interface]
+        ts_ns[count] = whole * muls[interface] + part * muls[interface] // divs[interface] + offsets_ns[interface]
         positions[count] = pos
         count += 1
         pos += length
