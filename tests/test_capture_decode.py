@@ -147,6 +147,18 @@ def test_ipv4_fragments():
     assert decode_packet(228, later) == "ip_fragment"
 
 
+@pytest.mark.parametrize("count, expected", [(16, "udp"), (17, "bad_ip_header")])
+def test_ipv6_extension_header_limit(count, expected):
+    # A chain of `count` 8-byte destination-options headers, the last one followed by UDP.
+    headers = b"".join(bytes([60 if i < count - 1 else 17, 0]) + bytes(6) for i in range(count))
+    packet = decode_packet(229, ipv6_packet(V6_SRC, V6_DST, 60, headers + udp_datagram(5353, 53, b"q")))
+    if expected == "udp":
+        assert isinstance(packet, Packet), packet
+        assert (packet.sport, packet.dport) == (5353, 53)
+    else:
+        assert packet == expected
+
+
 SKIP_CASES = {
     "arp": (1, ethernet(bytes(28), ethertype=0x0806), "non_ip"),
     "llc": (1, ethernet(bytes(40), ethertype=100), "non_ip"),

@@ -422,7 +422,8 @@ def _decode_frame(buf, base, n, wire_len, linktype, out):
         header_end = min(declared_end, limit)
         offset = ip + 40
         found = False
-        for _ in range(_MAX_EXTENSION_HEADERS):
+        # One pass per extension header, and one more to look at the header that follows the last.
+        for _ in range(_MAX_EXTENSION_HEADERS + 1):
             if next_header == TCP or next_header == UDP:
                 found = True
                 break
