@@ -104,6 +104,8 @@ def plan(root: str, requested_split: str, settings: convert.ConvertSettings) -> 
     tree = inputs.list_labeled_tree(root)
     labels = {name: index for index, name in enumerate(sorted(tree))}
     units, path_of = capture_units(tree, settings.series)
+    # NOTE: files are counted before they are read, so an unreadable capture (a dead letter later)
+    # still counts toward the three captures per class that the split by capture needs.
     units_per_class = {label: sum(1 for unit in units if unit.label == label) for label in labels}
     policy, warning = splits.choose_policy(requested_split, units_per_class)
     if warning:
@@ -272,9 +274,7 @@ def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options.configure_logging()
-    run(sys.argv[1:] if argv is None else argv)
-    return 0
+    return options.run_command(run, argv, "convert-finetune")
 
 
 if __name__ == "__main__":

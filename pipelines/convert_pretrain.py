@@ -131,9 +131,7 @@ def _print_summary(result_manifest: dict, output: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options.configure_logging()
-    run(sys.argv[1:] if argv is None else argv)
-    return 0
+    return options.run_command(run, argv, "convert-pretrain")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import dataclasses
 import logging
 import os
 import pathlib
+import sys
+from collections.abc import Callable
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineRunner
@@ -170,3 +172,17 @@ def _ensure_importable() -> None:
     parts = [p for p in current.split(os.pathsep) if p]
     if str(REPO_ROOT) not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + parts)
+
+
+def run_command(run: Callable[[list[str]], object], argv: list[str] | None, command: str) -> int:
+    """Run a conversion job's `run(argv)` as `etbert COMMAND`; return its exit code.
+
+    An input path that does not exist or contains no capture gives a one-line error and exit code 2.
+    """
+    configure_logging()
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except FileNotFoundError as error:
+        print(f"etbert {command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

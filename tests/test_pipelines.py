@@ -331,3 +331,13 @@ def test_finetune_capture_split_needs_three_files(sample_captures, tmp_path):
     with pytest.raises(ValueError, match="--split session"):
         convert_finetune.run([str(root), "--output", str(tmp_path / "out"), "--split", "capture"])
     shutil.rmtree(root)
+
+
+def test_missing_inputs_exit_code_2(tmp_path, capsys):
+    empty = tmp_path / "empty.pcap"
+    empty.mkdir()
+
+    assert convert_pretrain.main([str(empty), "--output", str(tmp_path / "out")]) == 2
+    assert "etbert convert-pretrain: error: input" in capsys.readouterr().err
+    assert convert_finetune.main([str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
+    assert "etbert convert-finetune: error:" in capsys.readouterr().err
