@@ -485,3 +485,15 @@ def test_pcapng_resolution_exact_ns(tmp_path, tsresol):
     records = read_all(path)
 
     assert [r.ts_ns for r in records] == [u * 10**9 // per_second for u in units]
+
+
+def test_gzip_members_read_in_sequence(tmp_path):
+    frames, plain = _pcap_of(3000)
+    # The capture split into three gzip members at arbitrary byte positions, as `cat a.gz b.gz c.gz`.
+    cuts = [0, 70_001, 400_003, len(plain)]
+    path = tmp_path / "members.pcap.gz"
+    path.write_bytes(b"".join(gzip_bytes(plain[start:end]) for start, end in zip(cuts, cuts[1:])))
+
+    records = read_all(path)
+
+    assert [r.data for r in records] == [f for _, f in frames]
