@@ -353,8 +353,8 @@ def test_reading_is_streamed(shared_pcaps):
 
 
 def test_compiled_framing_matches_dpkt(sample_captures):
-    # Classic pcap and pcapng enhanced packet blocks are framed by compiled loops; dpkt reads the same
-    # records independently (pcapng timestamps are compared to the microsecond dpkt reports).
+    # Compiled loops frame classic pcap and pcapng enhanced packet blocks, and dpkt reads the same
+    # records on its own. dpkt reports pcapng timestamps in microseconds, so they are compared there.
     paths = sorted(path for path in sample_captures.rglob("*") if path.suffix in (".pcap", ".pcapng"))
     pcapng = 0
     for path in paths:

@@ -89,7 +89,7 @@ def policy_rows(policy: str, batch: PacketBatch, rows: np.ndarray, sender_base: 
                 receiver_base: np.ndarray, width: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Apply `policy` to the selected rows of a batch; return (bytes (m, width) uint8, lengths).
 
-    Row j of the result holds the first `lengths[j]` policy-applied bytes of packet `rows[j]`, cut to
+    Row j of the result contains the first `lengths[j]` policy-applied bytes of packet `rows[j]`, cut to
     `width` (None: no cut). The sequence bases are per selected row, `UNKNOWN_BASE` where unknown.
     """
     records = batch.records

@@ -153,8 +153,8 @@ class RecordBatch:
             start=start, caplen=caplen,
             wire_len=column([record.wire_len for record in records]),
             linktype=column([record.linktype for record in records]),
-            # NOTE: a pcapng timestamp past the year 2262 (a damaged block) does not fit int64 and is
-            # clamped to the largest value; it still orders after every sane timestamp.
+            # NOTE: a pcapng timestamp past the year 2262 (a damaged block) does not fit int64, so it is
+            # clamped to the int64 range. A clamped timestamp still orders after every sane one.
             ts_ns=column([min(max(record.ts_ns, _INT64_MIN), _INT64_MAX) for record in records]),
             index=column([record.index for record in records]),
             offset=column([record.offset for record in records]),
@@ -199,6 +199,19 @@ class _Stream:
             n -= len(chunk)
         self.pos += len(out)
         return out
+
+    def unread(self, data: bytes) -> None:
+        """Push bytes that were read back in front of the stream."""
+        self.prefix = data + self.prefix
+        self.pos -= len(data)
+
+    def peek(self, n: int) -> bytes:
+        """Return up to n next bytes without consuming them."""
+        if len(self.prefix) >= n:
+            return self.prefix[:n]
+        head = self.read(n)
+        self.unread(head)
+        return head
 
     def read_exact(self, n: int) -> bytes:
         data = self.read(n)
@@ -581,8 +594,7 @@ def _iter_pcapng(stream: _Stream, name: str, stats: SkipCounter,
             return
         block_type = struct.unpack(order + "I", head[:4])[0]
         if block_type == PCAPNG_SHB:
-            stream.prefix = head[4:] + stream.prefix
-            stream.pos -= 4
+            stream.unread(head[4:])
             try:
                 order = _read_section_header(stream, name, offset, first=False)
             except _Truncated:
@@ -674,12 +686,12 @@ class _InterfaceTable:
 def _next_block_type(stream: _Stream, order: str) -> int | None:
     """Return the type of the next pcapng block without consuming it; None at the end or on damage."""
     try:
-        head = stream.read(4)
+        head = stream.peek(4)
     except _Truncated:
         return None
-    stream.prefix = head + stream.prefix
-    stream.pos -= len(head)
-    return struct.unpack(order + "I", head)[0] if len(head) == 4 else None
+    if len(head) < 4:
+        return None
+    return struct.unpack(order + "I", head)[0]
 
 
 def _frame_pcapng_run(stream: _Stream, order: str, table: _InterfaceTable, index: int, size: int,
@@ -700,8 +712,7 @@ def _frame_pcapng_run(stream: _Stream, order: str, table: _InterfaceTable, index
     block = np.frombuffer(chunk, dtype=np.uint8)
     count, pos, _ = _frame_epbs(block, order == ">", table.linktypes, table.muls, table.divs, table.offsets_ns,
                                 MAX_PACKET_BLOCK_BYTES, *columns)
-    stream.prefix = chunk[pos:] + stream.prefix
-    stream.pos = base + pos
+    stream.unread(chunk[pos:])
     if count == 0:
         return None
     starts, caplens, wire_lens, linktypes, ts_ns, positions = (column[:count].copy() for column in columns)

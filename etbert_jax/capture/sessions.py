@@ -548,9 +548,12 @@ class _PendingBytes:
         row_width = out.shape[1]
         kept_bytes = [blob[j * row_width : j * row_width + length] for j, length in enumerate(lengths.tolist())]
 
+        # An int in a pending list is a row of `kept_bytes`; replace it with those bytes, cut to `keep`.
         for items, keep in self.lists.values():
-            items[:] = [(kept_bytes[item][:keep] if keep is not None else kept_bytes[item]) if item.__class__ is int else item
-                        for item in items]
+            for position, item in enumerate(items):
+                if item.__class__ is int:
+                    data = kept_bytes[item]
+                    items[position] = data if keep is None else data[:keep]
         for position in self.burst_events:
             key, session_index, direction, packets, source, first_ts_ns, number = events[position]
             events[position] = _new_tuple(Burst, (key, session_index, direction, tuple(packets), source, first_ts_ns,
@@ -603,8 +606,8 @@ def _session_keys(buf, starts, fields, keys, sides):
             if buf[src + k] != buf[dst + k]:
                 order = -1 if buf[src + k] < buf[dst + k] else 1
                 break
-        if order == 0:
-            order = -1 if sport < dport else (1 if sport > dport else 0)
+        if order == 0 and sport != dport:
+            order = -1 if sport < dport else 1
         if order <= 0:
             low, low_port, high, high_port = src, sport, dst, dport
         else:
@@ -619,7 +622,12 @@ def _session_keys(buf, starts, fields, keys, sides):
         key[19] = low_port & 0xFF
         key[36] = high_port >> 8
         key[37] = high_port & 0xFF
-        sides[row] = 0 if order < 0 else (1 if order > 0 else 2)
+        if order < 0:
+            sides[row] = 0
+        elif order > 0:
+            sides[row] = 1
+        else:
+            sides[row] = 2
 
 
 def _pick_client(packet: Packet, sender: Endpoint, receiver: Endpoint) -> tuple[Endpoint, Endpoint]:
