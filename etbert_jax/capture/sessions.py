@@ -548,7 +548,7 @@ class _PendingBytes:
         row_width = out.shape[1]
         kept_bytes = [blob[j * row_width : j * row_width + length] for j, length in enumerate(lengths.tolist())]
 
-        # An int in a pending list is a row of `kept_bytes`; replace it with those bytes, cut to `keep`.
+        # An int in a pending list is a row of `kept_bytes`. It is replaced by those bytes, cut to `keep`.
         for items, keep in self.lists.values():
             for position, item in enumerate(items):
                 if item.__class__ is int:
