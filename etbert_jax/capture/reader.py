@@ -265,7 +265,7 @@ def iter_record_batches(
 
 
 def _open_capture_file(path: str | os.PathLike, name: str) -> BinaryIO:
-    """Open a regular file for reading; raise CaptureFormatError for anything else.
+    """Open a regular file for reading, or raise CaptureFormatError for anything else.
 
     A FIFO or device would block or never end, so only regular files (or links to them) are opened.
     """
@@ -350,7 +350,7 @@ def _open_gzip(handle: BinaryIO, magic: bytes, name: str) -> _Stream:
 
 
 class _GunzipReader:
-    """Decompress a gzip file incrementally; `read` returns every byte decompressed before damage.
+    """Decompress a gzip file incrementally, so that `read` returns every byte decompressed before damage.
 
     `gzip.GzipFile` raises on a cut or corrupt stream and drops what it decompressed in that call.
     Here the error is raised only once the good bytes are used up. Several members are read one
@@ -665,7 +665,7 @@ _MAX_FAST_OFFSET_NS = 1 << 61
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _InterfaceTable:
-    """Per-interface columns for the compiled framer; `divs` is 0 where only the Python reader can go."""
+    """Per-interface columns for the compiled framer. A `divs` entry of 0 marks an interface for the Python reader."""
 
     linktypes: np.ndarray
     muls: np.ndarray
@@ -684,7 +684,7 @@ class _InterfaceTable:
 
 
 def _next_block_type(stream: _Stream, order: str) -> int | None:
-    """Return the type of the next pcapng block without consuming it; None at the end or on damage."""
+    """Return the type of the next pcapng block without consuming it, or None at the end or on damage."""
     try:
         head = stream.peek(4)
     except _Truncated:
