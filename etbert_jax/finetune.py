@@ -162,7 +162,6 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
     from flax import nnx
 
     from etbert_jax import optim, tasks
-    from etbert_jax.train import optax_global_norm
 
     base_key = jax.random.key(config.train.seed)
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
@@ -179,20 +178,10 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
         # Only the trainable parameters are differentiated, so a frozen encoder costs no gradient.
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
         (_, metrics), grads = grad_fn(model, batch, key)
-        grad_norm = optax_global_norm(grads)
         learning_rate = schedule(optimizer.step[...])
-        optimizer.update(model, grads)
-        new_state = nnx.state((model, optimizer))
-
         # A step with a non-finite loss or gradient leaves every parameter as it was.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-
-        def keep_if_not_finite(new, old):
-            if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
-                return new
-            return jnp.where(finite, new, old)
-
-        new_state = jax.tree.map(keep_if_not_finite, new_state, state)
+        grad_norm, finite = optim.apply_gradients(optimizer, model, grads, metrics["loss"])
+        new_state = nnx.state((model, optimizer))
         return new_state, dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate, finite=finite)
 
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None),

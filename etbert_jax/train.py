@@ -105,7 +105,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
     """Return the jitted `step(state, batch, step_number) -> (state, metrics)` with the state donated."""
     from flax import nnx
 
-    from etbert_jax import tasks
+    from etbert_jax import optim, tasks
 
     accum = config.optim.grad_accum_steps
     base_key = jax.random.key(config.train.seed)
@@ -118,9 +118,6 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
                                    sbp_weight=config.train.sbp_weight)
 
     def step_fn(state, batch, step_number):
-        # merge() may hand the state's own Variables to the model, and the update below mutates
-        # them, so the old arrays are taken out first.
-        old_leaves = jax.tree.leaves(state)
         model, optimizer = nnx.merge(graphdef, state)
         key = jax.random.fold_in(base_key, step_number)
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
@@ -138,35 +135,15 @@ def make_train_step(graphdef, state_shardings, batch_sharding, config: config_li
             grads = jax.tree.map(lambda g: g / accum, grads)
             metrics = jax.tree.map(lambda m: m / accum, metrics)
 
-        grad_norm = optax_global_norm(grads)
         learning_rate = schedule(optimizer.step[...])
-        optimizer.update(model, grads)
+        grad_norm, finite = optim.apply_gradients(optimizer, model, grads, metrics["loss"])
         new_state = nnx.state((model, optimizer))
-
-        # Keep the old state when the loss or the gradient norm is not finite.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-
-        def keep_if_not_finite(new, old):
-            if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
-                return new
-            return jnp.where(finite, new, old)
-
-        new_leaves, treedef = jax.tree.flatten(new_state)
-        new_state = jax.tree.unflatten(treedef, [keep_if_not_finite(new, old)
-                                                 for new, old in zip(new_leaves, old_leaves, strict=True)])
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate, finite=finite,
                        real_tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
 
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None),
                    out_shardings=(state_shardings, None), donate_argnums=0)
-
-
-def optax_global_norm(tree) -> jax.Array:
-    """Global L2 norm of a gradient pytree (float32)."""
-    import optax
-
-    return optax.tree.norm(tree).astype(jnp.float32)
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -216,6 +193,7 @@ def _gather_cursor(cursor: data.InputCursor, seed: int) -> dict:
 
 
 def _log_startup(config, mesh, model, global_batch: int, batch_shards: int) -> None:
+    from etbert_jax import host_memory
     from etbert_jax import metrics as metrics_lib
     from etbert_jax import sharding
 
@@ -232,6 +210,10 @@ def _log_startup(config, mesh, model, global_batch: int, batch_shards: int) -> N
             num_devices=jax.device_count(), seq_len=config.data.seq_len,
             grad_accum_steps=config.optim.grad_accum_steps, total_steps=config.train.steps):
         log.info(line)
+
+    hint = host_memory.hint() if jax.default_backend() == "cpu" else None
+    if hint is not None:
+        log.info(hint)
 
 
 def _check_same_model(stored: dict, config: config_lib.Config, directory) -> None:

@@ -89,6 +89,62 @@ def test_clipping_changes_adam_moments():
     assert np.isfinite(second_updates[1.0]).all()
 
 
+def _adamw_steps(tx, grads_list, params):
+    state = tx.init(params)
+    for grads in grads_list:
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_matches_plain_optax_clip_and_adamw():
+    config = OptimConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=0.1, grad_clip_norm=1.0)
+    rng = np.random.default_rng(4)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=3), jnp.float32)}}
+    grads_list = [jax.tree.map(lambda p, scale=scale: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32),
+                               params) for scale in (0.1, 5.0, 0.3, 20.0)]
+    reference = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
+                            optax.adamw(optim.make_schedule(config, 10), b1=config.b1, b2=config.b2, eps=config.eps,
+                                        weight_decay=config.weight_decay, mask=optim.decay_mask))
+
+    ours, _ = _adamw_steps(optim.make_optimizer(config, 10), grads_list, params)
+    expected, _ = _adamw_steps(reference, grads_list, params)
+    for left, right in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["nan_gradient", "inf_gradient", "finite_flag"])
+def test_skipped_update_changes_nothing(bad):
+    config = OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1)
+    tx = optim.make_optimizer(config, 10)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32), "bias": jnp.ones(2, jnp.float32)}
+    params, state = _adamw_steps(tx, [jax.tree.map(lambda p: p * 0.3 + 0.1, params)], params)
+    before = [np.array(leaf) for leaf in jax.tree.leaves(state)]
+
+    grads = jax.tree.map(lambda p: p * 0.5, params)
+    finite = True
+    if bad == "nan_gradient":
+        grads["w"] = grads["w"].at[2].set(jnp.nan)
+    elif bad == "inf_gradient":
+        grads["bias"] = grads["bias"].at[0].set(jnp.inf)
+    else:
+        finite = jnp.asarray(False)
+    updates, new_state = jax.jit(lambda g, s, p: tx.update(g, s, p, finite=finite))(grads, state, params)
+
+    for leaf in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    for old, new in zip(before, jax.tree.leaves(new_state), strict=True):
+        np.testing.assert_array_equal(old, np.asarray(new))
+
+    # The next good step continues as if the skipped one had never happened.
+    good = jax.tree.map(lambda p: p * 0.2, params)
+    after_skip = tx.update(good, new_state, params)
+    direct = tx.update(good, state, params)
+    for left, right in zip(jax.tree.leaves(after_skip), jax.tree.leaves(direct)):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
 def _tiny_batch(rng, batch=8, seq_len=16, predictions=4):
     ids = rng.integers(5, TINY.vocab_size, (batch, seq_len)).astype(np.int32)
     ids[:, 0], ids[:, 7], ids[:, -1] = 2, 1, 1
@@ -203,3 +259,37 @@ def test_bfloat16_compute_keeps_float32_params():
     for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
         assert leaf.dtype == jnp.float32
     assert int(optimizer.step[...]) == 2
+
+
+@pytest.mark.slow
+def test_scanned_and_unrolled_layers_train_alike():
+    import dataclasses
+
+    from etbert_jax import config as config_lib
+    from etbert_jax import sharding, train
+
+    batch = _tiny_batch(np.random.default_rng(5))
+    results = {}
+    for scan_layers in (False, True):
+        model_config = dataclasses.replace(TINY, scan_layers=scan_layers, dropout=0.1)
+        config = config_lib.Config(model=model_config, mesh=config_lib.MeshConfig(data=-1),
+                                   optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+        mesh = sharding.make_mesh(config.mesh)
+        tx = optim.make_optimizer(config.optim, 10)
+
+        def build():
+            model = heads.PretrainModel(model_config, rngs=nnx.Rngs(0))
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
+        step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
+                                        sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+        with jax.set_mesh(mesh):
+            for step in range(2):
+                state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
+        results[scan_layers] = (float(metrics["loss"]),
+                                np.array(nnx.merge(graphdef, state)[0].encoder.layers.mlp.wi.kernel[...]))
+
+    # Same parameters, same dropout masks (one key per layer either way), same updates.
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
