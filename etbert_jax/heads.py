@@ -24,7 +24,7 @@ from flax import nnx
 
 from etbert_jax import sharding
 from etbert_jax.config import ModelConfig
-from etbert_jax.model import BertEncoder, Dense, Embedding, LayerNorm, Pooler, dropout
+from etbert_jax.model import BertEncoder, Dense, Embedding, LayerNorm, Pooler, dropout, gelu
 
 # Logit given to the padded vocabulary rows: far below any real logit, but finite in float32 and
 # bfloat16 so that softmax and cross-entropy stay NaN-free.
@@ -48,7 +48,7 @@ class MbmHead(nnx.Module):
 
     def __call__(self, hidden: jax.Array, word_embedding: Embedding) -> jax.Array:
         """Map gathered hidden states [B, M, H] to float32 logits [B, M, V]."""
-        x = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
+        x = self.norm(gelu(self.transform(hidden)))
 
         if self.decoder is None:
             logits = word_embedding.attend(x) + self.decoder_bias[...].astype(x.dtype)

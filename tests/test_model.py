@@ -112,11 +112,26 @@ def test_uer_and_standard_norms_differ():
 
 
 def test_unrolled_layers_match_scan(encoder):
-    unrolled = model_lib.BertEncoder(dataclasses.replace(CONFIG, scan_layers=False), rngs=nnx.Rngs(0))
-    nnx.update(unrolled, nnx.state(encoder, nnx.Param))
+    assert not CONFIG.scan_layers, "the default runs the layers unrolled"
+    scanned = model_lib.BertEncoder(dataclasses.replace(CONFIG, scan_layers=True), rngs=nnx.Rngs(0))
+    nnx.update(scanned, nnx.state(encoder, nnx.Param))
     input_ids, segment_ids = make_batch()
-    np.testing.assert_allclose(run(encoder, input_ids, segment_ids),
-                               run(unrolled, input_ids, segment_ids), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(scanned, input_ids, segment_ids),
+                               run(encoder, input_ids, segment_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_matches_jax_nn_gelu():
+    x = jnp.asarray(np.linspace(-12, 12, 4001, dtype=np.float32))
+    np.testing.assert_allclose(model_lib.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x),
+                               jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6, rtol=0)
+
+
+def test_dropout_mask_is_jax_random_bernoulli():
+    x = jnp.ones((4, 16, 32), jnp.float32)
+    key = jax.random.key(11)
+    expected = jnp.where(jax.random.bernoulli(key, 0.9, x.shape), x / 0.9, 0.0)
+    np.testing.assert_array_equal(np.asarray(model_lib.dropout(x, 0.1, key)), np.asarray(expected))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
