@@ -8,11 +8,14 @@ For each (sequence length, batch size) pair this runs, in separate fresh process
   loss (MLM / 10 + SBP), clipping and AdamW step.
 
 Both get the same CPU set (`--threads` pins each process to the first N CPUs; PyTorch's intra-op
-thread count is set to N) and the same compute dtype: float32 by default, because bf16 matmuls are
-emulated on most CPUs. Every token is real (no padding); the first `--warmup` steps, which include
+thread count is set to N), the same compute dtype (float32 by default, because bf16 matmuls are
+emulated on most CPUs) and the same glibc malloc setting. By default (`--malloc-hugepages both`)
+each framework runs with and without malloc huge pages, which etbert_jax/host_memory.py
+recommends for CPU training, and the report gives the ratio per setting and between each
+framework's faster setting. Every token is real (no padding); the first `--warmup` steps, which include
 JAX's compilation, are not timed. The ratio JAX / PyTorch uses the median step time of each.
 
-Usage (from the repository root; about 5 minutes on 2 CPU cores):
+Usage (from the repository root; about 8 minutes on 2 CPU cores):
     .venv/bin/python bench/bench_train_step.py --seq-lens 128,512 --batch-sizes 8,2 --steps 3
 Tiny smoke run:
     .venv/bin/python bench/bench_train_step.py --seq-lens 32 --batch-sizes 2 --layers 1 --hidden 32 \
@@ -120,12 +123,19 @@ def run_child(args: argparse.Namespace) -> None:
     """Measure one framework at one size and print the result as one JSON line."""
     cpus = _pin_threads(args.threads)
     runner = run_jax if args.child == "jax" else run_torch
-    print(json.dumps(runner(args, args.child_seq_len, args.child_batch_size, cpus)))
+    result = runner(args, args.child_seq_len, args.child_batch_size, cpus)
+    result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    print(json.dumps(result))
 
 
-def _child_env() -> dict[str, str]:
-    """Environment for a measuring process: one CPU device for JAX, whatever the caller's XLA_FLAGS."""
-    env = dict(os.environ)
+def _child_env(hugepages: bool) -> dict[str, str]:
+    """Environment for a measuring process: one CPU device for JAX, whatever the caller's XLA_FLAGS.
+
+    Both frameworks get the same glibc tunables: malloc huge pages on or off (`--malloc-hugepages`).
+    """
+    from etbert_jax import host_memory
+
+    env = host_memory.with_hugetlb(os.environ, hugepages)
     flags = [flag for flag in env.get("XLA_FLAGS", "").split()
              if not flag.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
@@ -134,34 +144,57 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def measure(args: argparse.Namespace, framework: str, seq_len: int, batch_size: int) -> dict:
+def measure(args: argparse.Namespace, framework: str, seq_len: int, batch_size: int, hugepages: bool) -> dict:
     """Run one measurement in a fresh interpreter and return its JSON result."""
     command = [sys.executable, __file__, "--child", framework, "--child-seq-len", str(seq_len),
                "--child-batch-size", str(batch_size)] + args.forwarded
-    done = subprocess.run(command, capture_output=True, text=True, env=_child_env(), check=False)
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env(hugepages), check=False)
     if done.returncode != 0:
         raise SystemExit(f"{framework} measurement at seq {seq_len}, batch {batch_size} failed with exit code "
                          f"{done.returncode}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["malloc_hugepages"] = "on" if hugepages else "off"
+    return result
 
 
 def print_report(rows: list[dict]) -> None:
-    """Print tokens/s of both frameworks per size and the ratio JAX / PyTorch."""
+    """Print tokens/s of both frameworks per size and setting, and the ratios JAX / PyTorch.
+
+    With both malloc settings measured, the last ratio compares each framework at its faster one.
+    """
+    from etbert_jax import host_memory
+
     first = rows[0]
     torch_row = next((row for row in rows if row["framework"] == "torch"), {})
     print(f"\nCPUs per process: {first['cpus']}; torch.get_num_threads() = {torch_row.get('torch_threads')}; "
           f"torch {torch_row.get('torch_version')}, attention {torch_row.get('attention')}")
-    print(f"{'seq':>5}{'batch':>7}{'framework':>11}{'first step s':>14}{'median step s':>15}{'tokens/s':>11}"
-          f"{'loss':>9}")
+    print(f"malloc huge pages: {host_memory.HUGETLB_ON} in GLIBC_TUNABLES (on) or not (off); "
+          f"kernel transparent huge pages: {host_memory.thp_mode()}")
+    print(f"{'seq':>5}{'batch':>7}{'framework':>11}{'huge pages':>12}{'first step s':>14}{'median step s':>15}"
+          f"{'tokens/s':>11}{'loss':>9}")
     for row in rows:
-        print(f"{row['seq_len']:>5}{row['batch_size']:>7}{row['framework']:>11}{row['first_step_s']:>14.2f}"
-              f"{row['median_step_s']:>15.3f}{row['tokens_per_s']:>11.1f}{row['last_loss']:>9.3f}")
+        print(f"{row['seq_len']:>5}{row['batch_size']:>7}{row['framework']:>11}{row['malloc_hugepages']:>12}"
+              f"{row['first_step_s']:>14.2f}{row['median_step_s']:>15.3f}{row['tokens_per_s']:>11.1f}"
+              f"{row['last_loss']:>9.3f}")
+
     print("\nratio JAX / PyTorch (tokens/s, target >= 1.0):")
+    settings = sorted({row["malloc_hugepages"] for row in rows})
     for seq_len, batch_size in sorted({(row["seq_len"], row["batch_size"]) for row in rows}):
-        pair = {row["framework"]: row for row in rows if (row["seq_len"], row["batch_size"]) == (seq_len, batch_size)}
-        if set(pair) == set(FRAMEWORKS):
-            ratio = pair["jax"]["tokens_per_s"] / pair["torch"]["tokens_per_s"]
-            print(f"  seq {seq_len}, batch {batch_size}: {ratio:.2f} ({'meets' if ratio >= 1.0 else 'below'} target)")
+        size_rows = [row for row in rows if (row["seq_len"], row["batch_size"]) == (seq_len, batch_size)]
+        comparisons = [(f"huge pages {setting} for both", [row for row in size_rows
+                                                            if row["malloc_hugepages"] == setting])
+                       for setting in settings]
+        if len(settings) > 1:
+            comparisons.append(("each at its faster setting", size_rows))
+        for label, candidates in comparisons:
+            best = {}
+            for row in candidates:
+                if row["framework"] not in best or row["tokens_per_s"] > best[row["framework"]]["tokens_per_s"]:
+                    best[row["framework"]] = row
+            if set(best) == set(FRAMEWORKS):
+                ratio = best["jax"]["tokens_per_s"] / best["torch"]["tokens_per_s"]
+                verdict = "meets" if ratio >= 1.0 else "below"
+                print(f"  seq {seq_len}, batch {batch_size}, {label}: {ratio:.2f} ({verdict} target)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -193,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-attention", choices=("sdpa", "explicit"), default="sdpa",
                         help="PyTorch attention: fused scaled_dot_product_attention or UER's explicit form")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch and the weights")
+    parser.add_argument("--malloc-hugepages", choices=("both", "on", "off"), default="both",
+                        help="start the measuring processes with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (on, "
+                             "as etbert_jax/host_memory.py recommends for CPU training), without it (off), "
+                             "or measure both frameworks both ways (both, the default)")
     for name in ("layers", "hidden", "heads", "ffn", "vocab"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name} (smoke runs)")
     parser.add_argument("--child", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
@@ -220,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--frameworks {args.frameworks!r} is invalid: choose from {', '.join(FRAMEWORKS)}")
 
     # Child processes get the same model, dtype, step and thread options.
-    parent_only = {"--seq-lens", "--batch-sizes", "--frameworks", "--json"}
+    parent_only = {"--seq-lens", "--batch-sizes", "--frameworks", "--json", "--malloc-hugepages"}
     args.forwarded = []
     skip = False
     for item in argv:
@@ -233,11 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         args.forwarded.append(item)
 
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.malloc_hugepages]
     rows = []
     for seq_len, batch_size in zip(args.seq_lens, args.batch_sizes):
-        for framework in frameworks:
-            print(f"measuring {framework} at seq {seq_len}, batch {batch_size} ...", flush=True)
-            rows.append(measure(args, framework, seq_len, batch_size))
+        for hugepages in settings:
+            for framework in frameworks:
+                print(f"measuring {framework} at seq {seq_len}, batch {batch_size}, "
+                      f"malloc huge pages {'on' if hugepages else 'off'} ...", flush=True)
+                rows.append(measure(args, framework, seq_len, batch_size, hugepages))
     print_report(rows)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))

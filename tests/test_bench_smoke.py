@@ -77,13 +77,19 @@ def test_bench_train_step_smoke(tmp_path):
                  "--warmup", "1", "--threads", "1", "--json", str(result_path)] + TINY_MODEL)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    assert _ratio(r"seq 32, batch 2:\s+([0-9.]+)", done.stdout) > 0
+    assert _ratio(r"seq 32, batch 2, huge pages on for both:\s+([0-9.]+)", done.stdout) > 0
+    assert _ratio(r"seq 32, batch 2, huge pages off for both:\s+([0-9.]+)", done.stdout) > 0
+    assert _ratio(r"seq 32, batch 2, each at its faster setting:\s+([0-9.]+)", done.stdout) > 0
     rows = json.loads(result_path.read_text())
-    assert sorted(row["framework"] for row in rows) == ["jax", "torch"]
+    assert sorted((row["framework"], row["malloc_hugepages"]) for row in rows) == [
+        ("jax", "off"), ("jax", "on"), ("torch", "off"), ("torch", "on")]
     for row in rows:
         assert row["cpus"] == 1
         assert row["tokens_per_s"] > 0
         assert math.isfinite(row["last_loss"])
+        # Each process ran with the malloc setting that its row reports.
+        hugepages_on = "glibc.malloc.hugetlb=1" in row["glibc_tunables"].split(":")
+        assert hugepages_on == (row["malloc_hugepages"] == "on")
     torch_row = next(row for row in rows if row["framework"] == "torch")
     assert torch_row["torch_threads"] == 1
 
