@@ -97,7 +97,7 @@ def skip_nonfinite_adamw(adamw: optax.GradientTransformationExtraArgs,
     """Wrap an injected-hyperparameter AdamW with gradient clipping and the non-finite skip.
 
     On a skipped step the gradients become 0 and b1 = b2 = 1, so each moment is computed as
-    0 * 0 + 1 * m, which is m exactly; the returned updates are 0, and the scalar leaves of the
+    0 * 0 + 1 * m, which is m exactly. The returned updates are 0, and the scalar leaves of the
     state (step counts, hyperparameters) keep their old values. Every big array is thus written
     in place by the same element-wise pass as on a normal step. `clip_norm` <= 0 turns clipping off.
     """
