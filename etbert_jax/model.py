@@ -66,8 +66,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, x * Phi(x), as BERT and UER compute it.
 
-    Written with `lax.erf`: jax.nn.gelu(approximate=False) goes through erfc, whose XLA CPU kernel
-    took 2.1 ms on [8, 128, 3072] float32 where this took 0.7 ms; the two differ by at most 1e-6.
+    Written with `lax.erf`, because jax.nn.gelu(approximate=False) goes through erfc, whose XLA CPU
+    kernel took 2.1 ms on [8, 128, 3072] float32 where this took 0.7 ms. The two agree within 2e-6.
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
