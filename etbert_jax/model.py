@@ -53,7 +53,7 @@ def compute_dtype(config: ModelConfig) -> jnp.dtype:
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when `key` is None (deterministic) or `rate` is 0.
+    """Apply inverted dropout, or return `x` unchanged when `key` is None (deterministic) or `rate` is 0.
 
     The mask is `jax.random.bernoulli(key, 1 - rate, x.shape)`, computed by `prng.bernoulli`.
     """
