@@ -3,10 +3,11 @@
 XLA's CPU runtime allocates its large temporary buffers afresh on every step: the gradient of the
 [65664, 768] word-embedding table alone is 200 MB. glibc serves such requests with new mappings.
 Where the kernel gives transparent huge pages only on request ("madvise", as on the Debian host of
-docs/benchmarks.md), every 4 KiB page of them faults on first touch. The glibc tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later)
-requests transparent huge pages for those mappings, which removes most of the faults. The `base`
-pre-training step ran 8-12 % faster with it on a 2-core CPU host, while PyTorch's step moved by a
-few percent either way (docs/benchmarks.md).
+docs/benchmarks.md), every 4 KiB page of them faults on first touch. The glibc tunable
+`glibc.malloc.hugetlb=1` (glibc 2.35 and later) requests transparent huge pages for those
+mappings, which removes most of the faults. The `base` pre-training step ran 8-12 % faster with
+it on a 2-core CPU host, while PyTorch's step moved by a few percent either way
+(docs/benchmarks.md).
 
 glibc reads tunables only when a process starts, so the setting belongs in the environment of the
 command that starts training (`export GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). At start-up the
