@@ -178,6 +178,9 @@ def print_report(rows: list[dict]) -> None:
               f"{row['last_loss']:>9.3f}")
 
     print("\nratio JAX / PyTorch (tokens/s, target >= 1.0):")
+    if {row["framework"] for row in rows} != set(FRAMEWORKS):
+        print("  none: the ratio needs both frameworks (--frameworks jax,torch)")
+        return
     settings = sorted({row["malloc_hugepages"] for row in rows})
     for seq_len, batch_size in sorted({(row["seq_len"], row["batch_size"]) for row in rows}):
         size_rows = [row for row in rows if (row["seq_len"], row["batch_size"]) == (seq_len, batch_size)]

@@ -15,6 +15,7 @@ import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from etbert_jax import config as config_lib
@@ -79,6 +80,14 @@ def load_pretrained_encoder(model, init: str, mesh, step: int | None = None) -> 
     # The MBM and SBP heads are restored too (restore_pretrained reads the whole model item) but
     # are dropped here.
     _, pretrained = checkpoint.restore_pretrained(init, mesh, step=step)
+    for part in ("encoder", "pooler"):
+        bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(pretrained[part])
+               if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all())]
+        if bad:
+            more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
+            raise ValueError(f"the checkpoint {init} holds non-finite (NaN or infinite) weights in {part}{bad[0]}"
+                             f"{more}: pre-training diverged before it was saved, so start from an earlier "
+                             "checkpoint (pass its step folder to --init)")
     nnx.update(model.encoder, pretrained["encoder"])
     nnx.update(model.pooler, pretrained["pooler"])
 

@@ -53,8 +53,8 @@ def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...])
 
 
 def _check_positive(section: str, name: str, value: int | float) -> None:
-    if value <= 0:
-        raise ValueError(f"invalid {section}.{name}={value!r}: must be > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"invalid {section}.{name}={value!r}: must be a finite number > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +255,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim", "schedule", self.schedule, SCHEDULES)
         _check_positive("optim", "learning_rate", self.learning_rate)
+        _check_positive("optim", "eps", self.eps)
         _check_positive("optim", "grad_accum_steps", self.grad_accum_steps)
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"invalid optim.{name}={getattr(self, name)!r}: must be in [0, 1)")
+        for name in ("weight_decay", "grad_clip_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"invalid optim.{name}={getattr(self, name)!r}: must be a finite number >= 0")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"invalid optim.warmup_fraction={self.warmup_fraction!r}: must be in [0, 1)")
         if not 0.0 <= self.end_lr_fraction <= 1.0:

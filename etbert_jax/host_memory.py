@@ -45,13 +45,30 @@ def _pairs(tunables: str) -> list[str]:
     return [pair for pair in tunables.split(":") if pair]
 
 
+def _tunable_number(text: str) -> int | None:
+    """Parse a tunable value as glibc does (decimal, 0x hex or 0 octal), or return None for a non-number."""
+    try:
+        if text[:2].lower() == "0x":
+            return int(text[2:], 16)
+        if len(text) > 1 and text.startswith("0"):
+            return int(text[1:], 8)
+        return int(text, 10)
+    except ValueError:
+        return None
+
+
 def hugetlb_enabled(environ: Mapping[str, str]) -> bool:
-    """Return whether `environ` sets glibc.malloc.hugetlb to a non-zero value."""
+    """Return whether `environ` turns on transparent huge pages for malloc (glibc.malloc.hugetlb=1).
+
+    As in glibc, the last entry of the tunable counts. The value 2, which requests reserved
+    hugetlbfs pages instead, does not count.
+    """
+    value = None
     for pair in _pairs(environ.get(TUNABLES_VARIABLE, "")):
-        name, _, value = pair.partition("=")
+        name, _, text = pair.partition("=")
         if name == HUGETLB_NAME:
-            return value not in ("", "0")
-    return False
+            value = _tunable_number(text)
+    return value == 1
 
 
 def with_hugetlb(environ: Mapping[str, str], enabled: bool) -> dict[str, str]:

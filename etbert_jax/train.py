@@ -353,6 +353,10 @@ def train(config: config_lib.Config) -> TrainResult:
     def save(step_done: int, force: bool) -> None:
         if step_done in saved_steps:
             return
+        # While steps are being skipped the state does not change, and a periodic save would only
+        # push an older checkpoint out of the keep-latest-N window.
+        if consecutive_nonfinite > 0 and not force:
+            return
         if force or checkpointer.should_save(step_done):
             saved_steps.add(step_done)
             checkpointer.save(step_done, model_state=state[0], optimizer_state=state[1],
@@ -368,9 +372,12 @@ def train(config: config_lib.Config) -> TrainResult:
                     step_done, float(jax.device_get(step_metrics["loss"])),
                     float(jax.device_get(step_metrics["grad_norm"])), count)
         if count >= config.train.max_consecutive_nonfinite:
+            kept = sorted(checkpointer.all_steps())
             raise NonFiniteError(
                 f"{count} consecutive steps (up to step {step_done}) had a non-finite loss or gradient norm; "
-                f"stopping. Lower optim.learning_rate, check the data, or resume from an earlier checkpoint")
+                f"stopping. Lower optim.learning_rate or check the data. {checkpointer.directory} keeps the "
+                f"checkpoints of steps {kept}, and a rerun resumes from the newest of them, so remove the "
+                "step folders after the last good one first")
         return count
 
     try:

@@ -31,11 +31,17 @@ def make_tree(sample_captures: pathlib.Path, root: pathlib.Path) -> pathlib.Path
 
 
 def write_pretrain_checkpoint(workdir: pathlib.Path, tokenizer: dict, step: int = 3,
-                              extra: list[str] | None = None) -> config_lib.Config:
-    """Save a randomly initialised tiny PretrainModel (seed 0) as a pre-training checkpoint."""
+                              extra: list[str] | None = None, nan_weight: bool = False) -> config_lib.Config:
+    """Save a randomly initialised tiny PretrainModel (seed 0) as a pre-training checkpoint.
+
+    With `nan_weight`, one entry of the encoder's first FFN kernel is NaN, as after a diverged run.
+    """
     config = config_lib.load_config("tiny", TINY_MODEL + (extra or []))
     config = dataclasses.replace(config, tokenizer=dict(tokenizer))
     model = heads.PretrainModel(config.model, rngs=nnx.Rngs(0))
+    if nan_weight:
+        kernel = model.encoder.layers.mlp.wi.kernel
+        kernel[...] = kernel[...].at[0, 0, 0].set(np.nan)
     writer = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINT_SUBDIR, save_every=1, keep=1, async_save=False)
     try:
         writer.save(step, model_state=nnx.state(model), optimizer_state={"marker": np.zeros((), np.int32)},

@@ -100,6 +100,12 @@ def test_unknown_override_section():
     ("model.dropout=1.5", r"must be in \[0, 1\)"),
     ("data.masking=word", "expected one of span, token"),
     ("mesh.data=0", "must be >= 1"),
+    ("optim.learning_rate=nan", r"invalid optim.learning_rate=nan: must be a finite number > 0"),
+    ("optim.learning_rate=inf", r"invalid optim.learning_rate=inf: must be a finite number > 0"),
+    ("optim.eps=0", r"invalid optim.eps=0.0: must be a finite number > 0"),
+    ("optim.b2=1.0", r"invalid optim.b2=1.0: must be in \[0, 1\)"),
+    ("optim.grad_clip_norm=nan", r"invalid optim.grad_clip_norm=nan: must be a finite number >= 0"),
+    ("optim.weight_decay=-0.1", r"invalid optim.weight_decay=-0.1: must be a finite number >= 0"),
 ])
 def test_invalid_override_rejected(override, message):
     with pytest.raises(ValueError, match=message):

@@ -73,6 +73,19 @@ def test_encoder_restored_from_checkpoint(shards, pretrained):
                                   np.asarray(reference.pooler.dense.kernel.get_value()))
 
 
+def test_nonfinite_pretrained_weights_rejected(shards, tmp_path):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    write_pretrain_checkpoint(tmp_path, manifest["tokenizer"], nan_weight=True)
+    source = finetune_data.open_source(str(shards), "packet")
+    config = finetune.resolve_config("tiny", FAST, str(tmp_path), source, "/tmp/unused")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    model, _ = finetune.build_classifier(config, len(source.labels), mesh)
+
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or infinite\) weights in encoder.*mlp.*wi.*kernel"):
+        finetune.load_pretrained_encoder(model, str(tmp_path), mesh)
+
+
 @pytest.mark.slow
 def test_finetune_writes_consistent_report(shards, pretrained, tmp_path):
     # A learning rate of 1e-9 leaves the predictions unchanged, so the second validation is no

@@ -22,8 +22,13 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 
 def test_hugetlb_enabled():
     assert host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
-    assert host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"})
+    assert host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0x1"})
+    assert host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=01"})
+    assert host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.hugetlb=1"})
+    assert not host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0"})
     assert not host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    for value in ("00", "0x0", "-1", "abc", "2", ""):
+        assert not host_memory.hugetlb_enabled({"GLIBC_TUNABLES": f"glibc.malloc.hugetlb={value}"}), value
     assert not host_memory.hugetlb_enabled({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert not host_memory.hugetlb_enabled({})
 

@@ -46,3 +46,15 @@ def test_other_keys_fall_back_to_jax_random():
     raw = jax.random.PRNGKey(0)
     np.testing.assert_array_equal(np.asarray(prng.bernoulli(raw, 0.7, (64,))),
                                   np.asarray(jax.random.bernoulli(raw, 0.7, (64,))))
+
+
+def test_unusual_arguments_fall_back_to_jax_random():
+    key = jax.random.key(2)
+    for p in (float("nan"), float("inf"), np.float32(0.25), jax.numpy.full((64,), 0.25)):
+        np.testing.assert_array_equal(np.asarray(prng.bernoulli(key, p, (64,))),
+                                      np.asarray(jax.random.bernoulli(key, p, (64,))))
+    keys = jax.random.split(key, 4)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda k: prng.bernoulli(k, 0.5, (8,)))(keys)),
+                                  np.asarray(jax.vmap(lambda k: jax.random.bernoulli(k, 0.5, (8,)))(keys)))
+    with pytest.raises(ValueError, match="accepts a single key"):
+        prng.bernoulli(keys, 0.5, (4, 8))

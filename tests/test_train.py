@@ -76,13 +76,19 @@ def test_missing_or_empty_shards(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_nonfinite_steps_stop_the_run(shards, tmp_path):
-    # A huge learning rate makes the parameters overflow after the first update.
+    # A huge learning rate makes the parameters overflow after the first update, so steps 2 and 3
+    # are skipped. The finiteness of a step is read one step later, so step 2 is still saved.
     config = train.resolve_config("tiny", ["train.steps=20", "train.log_every=1", "optim.learning_rate=1e30",
                                            "mesh.data=1", "mesh.fsdp=8",
                                            "optim.warmup_steps=0", "optim.grad_clip_norm=0",
+                                           "train.checkpoint_every=1", "train.keep_checkpoints=10",
                                            "train.max_consecutive_nonfinite=2"], str(shards), str(tmp_path))
-    with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
+    with pytest.raises(train.NonFiniteError, match="2 consecutive steps") as raised:
         train.train(config)
+
+    assert "keeps the checkpoints of steps [1, 2]" in str(raised.value)
+    saved = sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir() if path.name.isdigit())
+    assert saved == [1, 2]
 
 
 def _fake_checkpoint(workdir, hidden_size):
