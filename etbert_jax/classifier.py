@@ -85,7 +85,7 @@ def load_pretrained_encoder(model, init: str, mesh, step: int | None = None) -> 
                if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all())]
         if bad:
             more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
-            raise ValueError(f"the checkpoint {init} holds non-finite (NaN or infinite) weights in {part}{bad[0]}"
+            raise ValueError(f"the checkpoint {init} contains non-finite (NaN or infinite) weights in {part}{bad[0]}"
                              f"{more}: pre-training diverged before it was saved, so start from an earlier "
                              "checkpoint (pass its step folder to --init)")
     nnx.update(model.encoder, pretrained["encoder"])

@@ -372,11 +372,11 @@ def train(config: config_lib.Config) -> TrainResult:
                     step_done, float(jax.device_get(step_metrics["loss"])),
                     float(jax.device_get(step_metrics["grad_norm"])), count)
         if count >= config.train.max_consecutive_nonfinite:
-            kept = sorted(checkpointer.all_steps())
+            kept_steps = sorted(checkpointer.all_steps())
             raise NonFiniteError(
                 f"{count} consecutive steps (up to step {step_done}) had a non-finite loss or gradient norm; "
                 f"stopping. Lower optim.learning_rate or check the data. {checkpointer.directory} keeps the "
-                f"checkpoints of steps {kept}, and a rerun resumes from the newest of them, so remove the "
+                f"checkpoints of steps {kept_steps}, and a rerun resumes from the newest of them, so remove the "
                 "step folders after the last good one first")
         return count
 

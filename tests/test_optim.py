@@ -166,23 +166,32 @@ def _to_numpy(leaf):
     return np.array(leaf)
 
 
-def test_nonfinite_step_is_skipped():
-    from etbert_jax import config as config_lib
+def _sharded_train_step(config):
+    """Build a tiny PretrainModel, its optimizer and train step, sharded on `config.mesh`.
+
+    Return (mesh, graphdef, state, step function).
+    """
     from etbert_jax import sharding, train
 
-    config = config_lib.Config(model=TINY, mesh=config_lib.MeshConfig(data=-1),
-                               optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
     mesh = sharding.make_mesh(config.mesh)
     tx = optim.make_optimizer(config.optim, 10)
 
     def build():
-        model = heads.PretrainModel(TINY, rngs=nnx.Rngs(0))
+        model = heads.PretrainModel(config.model, rngs=nnx.Rngs(0))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
-    shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
-    step_fn = train.make_train_step(graphdef, shardings, sharding.batch_sharding(mesh), config,
-                                    optim.make_schedule(config.optim, 10))
+    step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
+                                    sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+    return mesh, graphdef, state, step_fn
+
+
+def test_nonfinite_step_is_skipped():
+    from etbert_jax import config as config_lib
+
+    config = config_lib.Config(model=TINY, mesh=config_lib.MeshConfig(data=-1),
+                               optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+    mesh, graphdef, state, step_fn = _sharded_train_step(config)
     before = jax.tree.map(_to_numpy, state)
 
     bad = _tiny_batch(np.random.default_rng(0))
@@ -203,23 +212,13 @@ def test_nonfinite_step_is_skipped():
 @pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
     from etbert_jax import config as config_lib
-    from etbert_jax import sharding, train
 
     batch = _tiny_batch(np.random.default_rng(2), batch=16)
     results = {}
     for accum in (1, 2):
         config = config_lib.Config(model=TINY, mesh=config_lib.MeshConfig(data=-1),
                                    optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, grad_accum_steps=accum))
-        mesh = sharding.make_mesh(config.mesh)
-        tx = optim.make_optimizer(config.optim, 10)
-
-        def build():
-            model = heads.PretrainModel(TINY, rngs=nnx.Rngs(0))
-            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-        graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
-        step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
-                                        sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+        mesh, graphdef, state, step_fn = _sharded_train_step(config)
         with jax.set_mesh(mesh):
             state, metrics = step_fn(state, batch, jnp.asarray(0, jnp.int32))
         results[accum] = (float(metrics["loss"]), float(metrics["grad_norm"]),
@@ -235,21 +234,11 @@ def test_bfloat16_compute_keeps_float32_params():
     import dataclasses
 
     from etbert_jax import config as config_lib
-    from etbert_jax import sharding, train
 
     model_config = dataclasses.replace(TINY, compute_dtype="bfloat16")
     config = config_lib.Config(model=model_config, mesh=config_lib.MeshConfig(data=1, fsdp=8),
                                optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
-    mesh = sharding.make_mesh(config.mesh)
-    tx = optim.make_optimizer(config.optim, 10)
-
-    def build():
-        model = heads.PretrainModel(model_config, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
-    step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
-                                    sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+    mesh, graphdef, state, step_fn = _sharded_train_step(config)
     with jax.set_mesh(mesh):
         for step in range(2):
             state, metrics = step_fn(state, _tiny_batch(np.random.default_rng(step)), jnp.asarray(step, jnp.int32))
@@ -266,7 +255,6 @@ def test_scanned_and_unrolled_layers_train_alike():
     import dataclasses
 
     from etbert_jax import config as config_lib
-    from etbert_jax import sharding, train
 
     batch = _tiny_batch(np.random.default_rng(5))
     results = {}
@@ -274,16 +262,7 @@ def test_scanned_and_unrolled_layers_train_alike():
         model_config = dataclasses.replace(TINY, scan_layers=scan_layers, dropout=0.1)
         config = config_lib.Config(model=model_config, mesh=config_lib.MeshConfig(data=-1),
                                    optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
-        mesh = sharding.make_mesh(config.mesh)
-        tx = optim.make_optimizer(config.optim, 10)
-
-        def build():
-            model = heads.PretrainModel(model_config, rngs=nnx.Rngs(0))
-            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-        graphdef, state = nnx.split(sharding.create_sharded_model(build, mesh))
-        step_fn = train.make_train_step(graphdef, jax.tree.map(lambda leaf: leaf.sharding, state),
-                                        sharding.batch_sharding(mesh), config, optim.make_schedule(config.optim, 10))
+        mesh, graphdef, state, step_fn = _sharded_train_step(config)
         with jax.set_mesh(mesh):
             for step in range(2):
                 state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
